@@ -1,0 +1,82 @@
+"""Activation statistics that activation-aware criteria need, collected once per model.
+
+For every decoder layer, at the inputs of q/k/v (`attn_in`), o_proj (`o_proj_in`), gate/up
+(`mlp_in`) and down_proj (`down_proj_in`): per-feature sum and sum of squares over all calibration
+tokens (float64), and for o_proj_in / down_proj_in a seeded sample of token rows, which the
+mutual-information criterion compares neuron by neuron.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from pruneflow.architectures import decoder_layers
+
+HOOKED_INPUTS = {
+    "attn_in": ("self_attn", "q_proj"),
+    "o_proj_in": ("self_attn", "o_proj"),
+    "mlp_in": ("mlp", "gate_proj"),
+    "down_proj_in": ("mlp", "down_proj"),
+}
+SAMPLED_INPUTS = ("o_proj_in", "down_proj_in")
+
+
+@torch.inference_mode()
+def collect_activation_stats(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    max_tokens: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Run the calibration ids through the model once and return the named statistics."""
+    num_samples, seq_len = input_ids.shape
+    total_tokens = num_samples * seq_len
+    generator = torch.Generator().manual_seed(seed)
+    keep = min(max_tokens, total_tokens)
+    sampled_positions = torch.randperm(total_tokens, generator=generator)[:keep].sort().values
+    sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = defaultdict(list)
+    batch_offset = [0]
+
+    def make_hook(key: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums[key] + x.sum(0) if key in sums else x.sum(0)
+            squares[key] = squares[key] + x.pow(2).sum(0) if key in squares else x.pow(2).sum(0)
+            name = key.split(".", 2)[2]
+            if name in SAMPLED_INPUTS:
+                start = batch_offset[0]
+                local = sampled_positions[(sampled_positions >= start) & (sampled_positions < start + x.shape[0])] - start
+                samples[key].append(x[local.to(x.device)].float().cpu())
+
+        return hook
+
+    handles = []
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, (parent, child) in HOOKED_INPUTS.items():
+            module = getattr(getattr(layer, parent), child)
+            handles.append(module.register_forward_pre_hook(make_hook(f"layers.{index}.{name}")))
+    try:
+        for chunk in input_ids.split(batch_size):
+            model(input_ids=chunk.to(device), use_cache=False)
+            batch_offset[0] += chunk.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    stats: dict[str, torch.Tensor] = {}
+    for key in sums:
+        stats[f"{key}.sum"] = sums[key].cpu()
+        stats[f"{key}.sq_sum"] = squares[key].cpu()
+    for key, parts in samples.items():
+        stats[f"{key}.sample"] = torch.cat(parts).contiguous()
+    stats["num_tokens"] = torch.tensor([total_tokens], dtype=torch.long)
+    stats["sampled_positions"] = sampled_positions.contiguous()
+    return stats

@@ -1,0 +1,495 @@
+"""Typed, validated parameters: `params.yaml` -> frozen dataclasses.
+
+One schema serves Snakemake (common.smk calls `load_params`) and every stage CLI, so a bad value
+stops the pipeline before any model is loaded. Errors name the key, the value and what is allowed;
+unknown keys get a "did you mean" suggestion.
+
+`scale` is the one switch between the laptop preset (caps under `laptop:` applied over the
+sections) and `full` (the papers' settings, no caps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pruneflow.errors import ConfigError
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+SCALES = ("laptop", "full")
+PPL_DATASETS = ("wikitext2", "ptb", "ptb_test")
+ZEROSHOT_TASKS = (
+    "boolq",
+    "piqa",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+    "lambada",
+)
+STRUCTURES = ("attention", "ffn")
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _criterion_names() -> tuple[str, ...]:
+    from pruneflow.importance import CRITERIA
+
+    return tuple(CRITERIA)
+
+
+def _allowed(values: typing.Iterable[Any]) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def validate(self, prefix: str) -> None:
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            _fail(f"{prefix}.device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            _fail(f"{prefix}.dtype", self.dtype, "'auto', 'float32', 'bfloat16', 'float16'")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    source: str = EMBEDDED_SMOLLM2
+    revision: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        if not self.source.strip():
+            _fail(f"{prefix}.source", self.source, f"{EMBEDDED_SMOLLM2!r}, a local folder or a hub id")
+        if self.source.startswith("embedded:") and self.source != EMBEDDED_SMOLLM2:
+            _fail(f"{prefix}.source", self.source, f"{EMBEDDED_SMOLLM2!r}, a local folder or a hub id")
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    source: str = "data/raw/wikitext-2/train.txt"
+    num_samples: int = 10
+    seq_len: int = 64
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(f"{prefix}.num_samples", self.num_samples)
+        _check_positive(f"{prefix}.seq_len", self.seq_len)
+        lowered = self.source.lower()
+        if any(part in lowered for part in ("test", "valid", "zeroshot")):
+            _fail(
+                f"{prefix}.source",
+                self.source,
+                "a training split (evaluation splits such as test/valid must never calibrate)",
+            )
+
+
+@dataclass(frozen=True)
+class ActivationParams:
+    batch_size: int = 4
+    max_tokens: int = 512
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(f"{prefix}.batch_size", self.batch_size)
+        _check_positive(f"{prefix}.max_tokens", self.max_tokens)
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    micro_batch_size: int = 2
+
+    def validate(self, prefix: str) -> None:
+        _check_positive(f"{prefix}.micro_batch_size", self.micro_batch_size)
+
+
+@dataclass(frozen=True)
+class GridParams:
+    criteria: tuple[str, ...] = ("taylor_element1", "l2_magnitude")
+    ratios: tuple[float, ...] = (0.2,)
+    recovered_criteria: tuple[str, ...] = ("taylor_element1",)
+
+    def validate(self, prefix: str) -> None:
+        known = _criterion_names()
+        if not self.criteria:
+            _fail(f"{prefix}.criteria", list(self.criteria), f"a non-empty list of {_allowed(known)}")
+        for name in self.criteria:
+            if name not in known:
+                _fail(f"{prefix}.criteria", name, _allowed(known) + _did_you_mean(name, known))
+        if len(set(self.criteria)) != len(self.criteria):
+            _fail(f"{prefix}.criteria", list(self.criteria), "a list without duplicates")
+        if not self.ratios:
+            _fail(f"{prefix}.ratios", list(self.ratios), "a non-empty list of ratios in [0, 1)")
+        for ratio in self.ratios:
+            check_ratio(ratio, f"{prefix}.ratios")
+        if len(set(self.ratios)) != len(self.ratios):
+            _fail(f"{prefix}.ratios", list(self.ratios), "a list without duplicates")
+        for name in self.recovered_criteria:
+            if name not in self.criteria:
+                _fail(
+                    f"{prefix}.recovered_criteria",
+                    name,
+                    f"criteria listed in {prefix}.criteria ({_allowed(self.criteria)})",
+                )
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    layer_start: int = 4
+    layer_end: int = -2
+    structures: tuple[str, ...] = STRUCTURES
+
+    def validate(self, prefix: str) -> None:
+        for name in self.structures:
+            if name not in STRUCTURES:
+                _fail(f"{prefix}.structures", name, _allowed(STRUCTURES))
+        if not self.structures:
+            _fail(f"{prefix}.structures", [], f"a non-empty list of {_allowed(STRUCTURES)}")
+
+    def layer_range(self, num_layers: int) -> range:
+        """Resolve python-style [layer_start, layer_end) against a model's depth, or fail clearly."""
+        start = self.layer_start + num_layers if self.layer_start < 0 else self.layer_start
+        end = self.layer_end + num_layers if self.layer_end < 0 else self.layer_end
+        if not (0 <= start < end <= num_layers):
+            raise ConfigError(
+                f"prune.layer_start={self.layer_start}, prune.layer_end={self.layer_end} select no layers "
+                f"of a model with {num_layers} layers; allowed: -{num_layers} <= layer_start < layer_end "
+                f"<= {num_layers} (negative values count from the end)"
+            )
+        return range(start, end)
+
+
+@dataclass(frozen=True)
+class RecoverParams:
+    data: tuple[str, ...] = (
+        "data/raw/instruct/gsm_8k_train.json",
+        "data/raw/instruct/roleplay-simple-deduped-roleplay-dataset.json",
+        "data/raw/instruct/toolformer-dedupe-only-dataset.json",
+    )
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    learning_rate: float = 1e-4
+    num_epochs: float = 2.0
+    batch_size: int = 64
+    micro_batch_size: int = 4
+    cutoff_len: int = 256
+    train_on_inputs: bool = True
+    val_size: int = 2000
+    max_steps: int | None = None
+    max_train_samples: int | None = None
+    warmup_steps: int = 100
+    eval_every_steps: int = 200
+
+    def validate(self, prefix: str) -> None:
+        if not self.data:
+            _fail(f"{prefix}.data", [], "a non-empty list of Alpaca-format JSON files")
+        _check_positive(f"{prefix}.lora_r", self.lora_r)
+        _check_positive(f"{prefix}.lora_alpha", self.lora_alpha)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            _fail(f"{prefix}.lora_dropout", self.lora_dropout, "a float in [0, 1)")
+        for name in self.target_modules:
+            if name not in LORA_TARGET_MODULES:
+                _fail(f"{prefix}.target_modules", name, _allowed(LORA_TARGET_MODULES))
+        if not self.target_modules:
+            _fail(f"{prefix}.target_modules", [], f"a non-empty list of {_allowed(LORA_TARGET_MODULES)}")
+        if not (0.0 < self.learning_rate < 1.0):
+            _fail(f"{prefix}.learning_rate", self.learning_rate, "a float in (0, 1)")
+        if not self.num_epochs > 0:
+            _fail(f"{prefix}.num_epochs", self.num_epochs, "a number > 0")
+        _check_positive(f"{prefix}.micro_batch_size", self.micro_batch_size)
+        _check_positive(f"{prefix}.batch_size", self.batch_size)
+        if self.batch_size % self.micro_batch_size:
+            _fail(
+                f"{prefix}.batch_size",
+                self.batch_size,
+                f"a multiple of {prefix}.micro_batch_size={self.micro_batch_size}",
+            )
+        _check_positive(f"{prefix}.cutoff_len", self.cutoff_len)
+        if self.val_size < 0:
+            _fail(f"{prefix}.val_size", self.val_size, "an integer >= 0")
+        if self.max_steps is not None:
+            _check_positive(f"{prefix}.max_steps", self.max_steps)
+        if self.max_train_samples is not None:
+            _check_positive(f"{prefix}.max_train_samples", self.max_train_samples)
+        if self.warmup_steps < 0:
+            _fail(f"{prefix}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check_positive(f"{prefix}.eval_every_steps", self.eval_every_steps)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    ppl_datasets: tuple[str, ...] = ("wikitext2", "ptb")
+    ppl_seq_len: int = 128
+    ppl_batch_size: int = 16
+    ppl_max_windows: int | None = None
+    zeroshot_tasks: tuple[str, ...] = ZEROSHOT_TASKS
+    zeroshot_limit: int | None = None
+    zeroshot_batch_size: int = 32
+    latency_repeats: int = 5
+
+    def validate(self, prefix: str) -> None:
+        for name in self.ppl_datasets:
+            if name not in PPL_DATASETS:
+                _fail(f"{prefix}.ppl_datasets", name, _allowed(PPL_DATASETS) + _did_you_mean(name, PPL_DATASETS))
+        for name in self.zeroshot_tasks:
+            if name not in ZEROSHOT_TASKS:
+                _fail(
+                    f"{prefix}.zeroshot_tasks", name, _allowed(ZEROSHOT_TASKS) + _did_you_mean(name, ZEROSHOT_TASKS)
+                )
+        if self.ppl_seq_len < 2:
+            _fail(f"{prefix}.ppl_seq_len", self.ppl_seq_len, "an integer >= 2")
+        _check_positive(f"{prefix}.ppl_batch_size", self.ppl_batch_size)
+        if self.ppl_max_windows is not None:
+            _check_positive(f"{prefix}.ppl_max_windows", self.ppl_max_windows)
+        if self.zeroshot_limit is not None:
+            _check_positive(f"{prefix}.zeroshot_limit", self.zeroshot_limit)
+        _check_positive(f"{prefix}.zeroshot_batch_size", self.zeroshot_batch_size)
+        _check_positive(f"{prefix}.latency_repeats", self.latency_repeats)
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "pruneflow"
+    enabled: bool = True
+
+    def validate(self, prefix: str) -> None:
+        if not self.experiment.strip():
+            _fail(f"{prefix}.experiment", self.experiment, "a non-empty experiment name")
+
+
+@dataclass(frozen=True)
+class Params:
+    """All pipeline parameters after the `scale` preset has been applied."""
+
+    scale: str = "laptop"
+    seed: int = 0
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    calibration: CalibrationParams = field(default_factory=CalibrationParams)
+    activations: ActivationParams = field(default_factory=ActivationParams)
+    score: ScoreParams = field(default_factory=ScoreParams)
+    grid: GridParams = field(default_factory=GridParams)
+    prune: PruneParams = field(default_factory=PruneParams)
+    recover: RecoverParams = field(default_factory=RecoverParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def validate(self) -> None:
+        if self.scale not in SCALES:
+            _fail("scale", self.scale, _allowed(SCALES))
+        if self.seed < 0:
+            _fail("seed", self.seed, "an integer >= 0")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate(f.name)
+
+
+# Sections the `laptop:` preset may cap (full scale ignores it).
+PRESET_SECTIONS = ("recover", "evaluate")
+
+
+def check_ratio(value: Any, key: str = "ratio") -> float:
+    """A pruning ratio is the fraction of all parameters to remove: a float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, "a number in [0, 1)")
+    if not (0.0 <= float(value) < 1.0) or math.isnan(float(value)):
+        _fail(key, value, "a number in [0, 1) (the fraction of all parameters removed)")
+    return float(value)
+
+
+def format_ratio(value: float) -> str:
+    """The canonical spelling of a ratio in paths and stage names (as YAML and DVC print it)."""
+    return repr(float(value))
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(key, value, "an integer > 0")
+
+
+def _did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation; lists become tuples so params stay hashable."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(key, value, non_none[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, f"a list of {_type_name(args[0])}")
+        return tuple(_coerce(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _type_name(annotation: Any) -> str:
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(annotation, str(annotation))
+
+
+def _build(cls: type, mapping: Any, prefix: str) -> Any:
+    if not isinstance(mapping, Mapping):
+        _fail(prefix, mapping, f"a mapping with keys {_allowed(f.name for f in dataclasses.fields(cls))}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "raw"}
+    for key in mapping:
+        if key not in fields:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(
+                f"unknown key {full!r}; allowed keys{' in ' + prefix if prefix else ''}: "
+                f"{', '.join(fields)}{_did_you_mean(str(key), fields)}"
+            )
+    kwargs = {}
+    for name, value in mapping.items():
+        key = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value if value is not None else {}, key)
+        else:
+            kwargs[name] = _coerce(key, value, annotation)
+    return cls(**kwargs)
+
+
+def _preset_sections(raw: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    preset = raw.get("laptop") or {}
+    if not isinstance(preset, Mapping):
+        _fail("laptop", preset, f"a mapping of sections ({_allowed(PRESET_SECTIONS)}) to overrides")
+    for section, overrides in preset.items():
+        if section not in PRESET_SECTIONS:
+            raise ConfigError(
+                f"unknown key 'laptop.{section}'; allowed keys in laptop: {', '.join(PRESET_SECTIONS)}"
+                f"{_did_you_mean(str(section), PRESET_SECTIONS)}"
+            )
+        if not isinstance(overrides, Mapping):
+            _fail(f"laptop.{section}", overrides, "a mapping of keys to values")
+    return dict(preset)
+
+
+def params_from_mapping(raw: Mapping[str, Any]) -> Params:
+    """Validate a params mapping (as read from params.yaml) and return typed params.
+
+    The sections are checked as written (they are the `full` settings), then each `laptop:` section
+    merged over its base, with errors named `laptop.<section>.<key>`; `scale` picks which applies.
+    """
+    if not isinstance(raw, Mapping):
+        _fail("params", raw, "a YAML mapping at the top level")
+    preset = _preset_sections(raw)
+    full = _build(Params, {k: v for k, v in raw.items() if k != "laptop"}, "")
+    full.validate()
+    hints = typing.get_type_hints(Params)
+    capped = {}
+    for section, overrides in preset.items():
+        base = {f.name: getattr(getattr(full, section), f.name) for f in dataclasses.fields(hints[section])}
+        built = _build(hints[section], {**base, **overrides}, f"laptop.{section}")
+        built.validate(f"laptop.{section}")
+        capped[section] = built
+    effective = dataclasses.replace(full, **capped) if full.scale == "laptop" else full
+    return dataclasses.replace(effective, raw=dict(raw))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; errors name the file, key, value and what is allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} does not exist; pass --params with a params.yaml path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
+    try:
+        return params_from_mapping(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def stage_params(params: Params, *sections: str) -> dict[str, Any]:
+    """A flat {"section.key": value} view of the sections a stage reads (for MLflow)."""
+    flat: dict[str, Any] = {}
+    for section in sections:
+        value = getattr(params, section)
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                flat[f"{section}.{f.name}"] = getattr(value, f.name)
+        else:
+            flat[section] = value
+    return flat
+
+
+def _schema_for(annotation: Any) -> dict[str, Any]:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        inner = _schema_for(non_none[0])
+        inner_type = inner.get("type")
+        if isinstance(inner_type, str):
+            inner["type"] = [inner_type, "null"]
+        return inner
+    if origin is tuple:
+        return {"type": "array", "items": _schema_for(args[0])}
+    if dataclasses.is_dataclass(annotation):
+        hints = typing.get_type_hints(annotation)
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                f.name: _schema_for(hints[f.name]) for f in dataclasses.fields(annotation) if f.name != "raw"
+            },
+        }
+    return {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[annotation]}
+
+
+def json_schema() -> dict[str, Any]:
+    """The structural JSON schema of params.yaml (Snakemake validates config against it)."""
+    schema = _schema_for(Params)
+    preset_props = {name: {"type": "object"} for name in PRESET_SECTIONS}
+    schema["properties"]["laptop"] = {"type": "object", "additionalProperties": False, "properties": preset_props}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "description":
+            "Generated by `python -m pruneflow.config --schema`; the typed checks live in pruneflow.config.",
+            **schema}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--schema"]:
+        print(yaml.safe_dump(json_schema(), sort_keys=False), end="")
+    else:
+        print(load_params(sys.argv[1] if len(sys.argv) > 1 else "params.yaml"))

@@ -1,0 +1,88 @@
+"""The importance protocol: a criterion turns a model (+ calibration data) into group scores.
+
+Criteria are interchangeable objects (Torch-Pruning's *importance* role): the pruner only sees
+`GroupScores`, one vector per layer and structure, higher = more important.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pruneflow.atomic import atomic_path
+from pruneflow.errors import DataError
+
+
+@dataclass
+class ScoringInputs:
+    """What a criterion may use: calibration token ids [n, seq_len] and cached activation stats."""
+
+    calibration_ids: torch.Tensor
+    activations: Mapping[str, torch.Tensor] | None = None
+    micro_batch_size: int = 2
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class GroupScores:
+    """Per-layer scores: attention[i] has one entry per KV group, ffn[i] one per FFN channel."""
+
+    attention: list[torch.Tensor]
+    ffn: list[torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {}
+        for i, (att, ffn) in enumerate(zip(self.attention, self.ffn, strict=True)):
+            tensors[f"layers.{i}.attention"] = att.detach().double().cpu().contiguous()
+            tensors[f"layers.{i}.ffn"] = ffn.detach().double().cpu().contiguous()
+        meta = {k: str(v) for k, v in self.metadata.items()}
+        meta["num_layers"] = str(len(self.attention))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> GroupScores:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"scores file {str(path)!r} does not exist; run the score stage first")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise DataError(f"scores file {str(path)!r} is not a readable safetensors file: {exc}") from exc
+        num_layers = int(metadata.get("num_layers", "0"))
+        try:
+            attention = [tensors[f"layers.{i}.attention"] for i in range(num_layers)]
+            ffn = [tensors[f"layers.{i}.ffn"] for i in range(num_layers)]
+        except KeyError as exc:
+            raise DataError(f"scores file {str(path)!r} lacks tensor {exc}; it was not written by pruneflow") from None
+        return cls(attention=attention, ffn=ffn, metadata=metadata)
+
+
+class Importance(Protocol):
+    """A pruning criterion."""
+
+    name: ClassVar[str]
+    needs_gradients: ClassVar[bool]
+    needs_activations: ClassVar[bool]
+
+    def score(self, model: torch.nn.Module, inputs: ScoringInputs) -> GroupScores: ...
+
+
+def describe(criterion: Any) -> dict[str, str]:
+    return {
+        "criterion": criterion.name,
+        "needs_gradients": str(criterion.needs_gradients),
+        "needs_activations": str(criterion.needs_activations),
+    }

@@ -1,0 +1,32 @@
+"""Weight-magnitude baselines (LLM-Pruner's L1 / L2): no data needed."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from pruneflow.importance.base import GroupScores, ScoringInputs
+from pruneflow.importance.elementwise import score_elementwise
+
+
+class L1Magnitude:
+    """Sum of |w| over the group's parameters."""
+
+    name: ClassVar[str] = "l1_magnitude"
+    needs_gradients: ClassVar[bool] = False
+    needs_activations: ClassVar[bool] = False
+
+    def score(self, model: torch.nn.Module, inputs: ScoringInputs) -> GroupScores:
+        return score_elementwise(model, lambda _i, _n, module, kind: getattr(module, kind).detach().abs())
+
+
+class L2Magnitude:
+    """Sum of w^2 over the group's parameters (LLM-Pruner's `l2`; same ranking as the L2 norm)."""
+
+    name: ClassVar[str] = "l2_magnitude"
+    needs_gradients: ClassVar[bool] = False
+    needs_activations: ClassVar[bool] = False
+
+    def score(self, model: torch.nn.Module, inputs: ScoringInputs) -> GroupScores:
+        return score_elementwise(model, lambda _i, _n, module, kind: getattr(module, kind).detach().float().pow(2))

@@ -1,0 +1,12 @@
+"""One module per pipeline stage; each is runnable as `python -m pruneflow.stages.<name>`."""
+
+STAGES = (
+    "prepare_model",
+    "calibrate",
+    "cache_activations",
+    "score",
+    "prune",
+    "recover",
+    "evaluate",
+    "report",
+)

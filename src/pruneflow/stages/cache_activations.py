@@ -1,0 +1,51 @@
+"""Stage 2: per-layer activation statistics and token samples at o_proj / down_proj (and q/gate) inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pruneflow.atomic import atomic_path
+from pruneflow.config import load_params, stage_params
+from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
+
+STAGE = "cache_activations"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = parser_for(STAGE, __doc__)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--calibration", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output .safetensors of statistics")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+
+    from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
+
+    device = resolve_device(params.runtime.device)
+    dtype = resolve_dtype(params.runtime.dtype, device)
+    require_file(args.model, "model folder")
+
+    from safetensors.torch import save_file
+
+    from pruneflow.activations import collect_activation_stats
+    from pruneflow.checkpoint import load_pruned
+    from pruneflow.stages.calibrate import load_calibration
+    from pruneflow.tracking import stage_run
+
+    ids = load_calibration(args.calibration)
+    seed_everything(params.seed)
+    tracked = stage_params(params, "seed", "runtime", "activations")
+    with stage_run(STAGE, settings=params.mlflow, params=tracked) as run:
+        model = load_pruned(args.model, dtype=dtype, device=device)
+        stats = collect_activation_stats(
+            model, ids, batch_size=params.activations.batch_size, max_tokens=params.activations.max_tokens,
+            seed=params.seed, device=device,
+        )
+        with atomic_path(args.out) as tmp:
+            save_file(stats, str(tmp), metadata={"command": command_line(), "device": str(device)})
+        run.log_metrics({"tokens": int(stats["num_tokens"].item()), "tensors": len(stats)})
+
+
+if __name__ == "__main__":
+    run_cli(STAGE, main)

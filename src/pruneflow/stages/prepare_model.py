@@ -1,0 +1,44 @@
+"""Stage 0: materialise the dense model as a local safetensors folder (from GGUF, a folder or the hub)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pruneflow.atomic import atomic_dir
+from pruneflow.config import load_params, stage_params
+from pruneflow.stages.cli import command_line, parser_for, run_cli
+
+STAGE = "prepare_model"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = parser_for(STAGE, __doc__)
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+
+    from pruneflow.modeling import load_source, offline_by_default, resolve_source
+
+    source = resolve_source(params.model.source)  # a missing path fails here, before loading anything
+    offline_by_default()
+
+    from pruneflow.architectures import count_parameters, layer_shapes
+    from pruneflow.checkpoint import save_pruned
+    from pruneflow.provenance import step, write_chain
+    from pruneflow.tracking import stage_run
+
+    tracked = stage_params(params, "model")
+    with stage_run(STAGE, settings=params.mlflow, params=tracked) as run:
+        model, tokenizer = load_source(source, revision=params.model.revision, dtype="auto")
+        parameters = count_parameters(model)
+        with atomic_dir(args.out) as tmp:
+            save_pruned(model, tmp, tokenizer=tokenizer)
+            write_chain(tmp, [step(STAGE, command_line(), tracked, source_kind=source.kind,
+                                   source_location=source.location, params_count=parameters,
+                                   layer_shapes=[s.to_dict() for s in layer_shapes(model)])])
+        run.log_metrics({"params": parameters, "layers": len(layer_shapes(model))})
+
+
+if __name__ == "__main__":
+    run_cli(STAGE, main)

@@ -1,0 +1,90 @@
+"""Stage 4: remove the lowest-scored groups so that `ratio` of all parameters goes; save a loadable
+checkpoint and a summary whose parameter counts are measured, not requested."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from pruneflow.config import check_ratio, load_params, stage_params
+from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
+
+STAGE = "prune"
+SUMMARY_FILE = "pruning_summary.json"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = parser_for(STAGE, __doc__)
+    parser.add_argument("--model", type=Path, required=True, help="dense model folder")
+    parser.add_argument("--scores", type=Path, required=True)
+    parser.add_argument("--criterion", required=True)
+    parser.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, [0, 1)")
+    parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    ratio = check_ratio(args.ratio, "--ratio")
+
+    from pruneflow.errors import DataError
+    from pruneflow.importance import GroupScores, get_criterion
+
+    get_criterion(args.criterion)
+    require_file(args.model, "model folder")
+    scores = GroupScores.load(args.scores)
+    if scores.metadata.get("criterion") != args.criterion:
+        raise DataError(
+            f"scores file {str(args.scores)!r} holds criterion {scores.metadata.get('criterion')!r}, "
+            f"not --criterion={args.criterion!r}"
+        )
+
+    from pruneflow.architectures import count_parameters, layer_shapes
+    from pruneflow.atomic import atomic_dir
+    from pruneflow.checkpoint import load_pruned, read_config_dict, save_pruned
+    from pruneflow.modeling import load_tokenizer
+    from pruneflow.provenance import read_chain, step, write_chain
+    from pruneflow.pruning import apply_pruning, plan_pruning
+    from pruneflow.tracking import stage_run
+
+    num_layers = int(read_config_dict(args.model)["num_hidden_layers"])
+    layers = params.prune.layer_range(num_layers)  # a bad range fails before the model is loaded
+    model = load_pruned(args.model)  # surgery on CPU in fp32: exact, and cheap next to scoring
+    tokenizer = load_tokenizer(args.model)
+    tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio}
+    with stage_run(STAGE, settings=params.mlflow, params=tracked,
+                   tags={"pruneflow.criterion": args.criterion, "pruneflow.ratio": str(ratio)},
+                   run_name=f"prune {args.criterion} {ratio}") as run:
+        shapes_before = layer_shapes(model)
+        plan = plan_pruning(model, scores, ratio, list(layers), params.prune.structures)
+        removed = apply_pruning(model, plan)
+        params_after = count_parameters(model)
+        summary = {
+            "criterion": args.criterion,
+            "requested_ratio": ratio,
+            "achieved_ratio": removed / plan.params_before,
+            "params_before": plan.params_before,
+            "params_after": params_after,
+            "params_removed": removed,
+            "pruned_layers": list(layers),
+            "structures": list(params.prune.structures),
+            "per_layer_fraction": plan.per_layer_fraction,
+            "layer_shapes_before": [s.to_dict() for s in shapes_before],
+            "layer_shapes_after": [s.to_dict() for s in layer_shapes(model)],
+            "removed_attention_groups": {str(k): v for k, v in plan.removed_attention_groups.items()},
+            "removed_ffn_channels": {str(k): v for k, v in plan.removed_ffn_channels.items()},
+            "command": command_line(),
+        }
+        with atomic_dir(args.out) as tmp:
+            save_pruned(model, tmp, tokenizer=tokenizer)
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            chain = read_chain(args.model)
+            chain.append(step("score", scores.metadata.get("command", ""), {"criterion": args.criterion},
+                              device=scores.metadata.get("device")))
+            chain.append(step(STAGE, command_line(), tracked, params_before=plan.params_before,
+                              params_after=params_after, achieved_ratio=summary["achieved_ratio"]))
+            write_chain(tmp, chain)
+        run.log_metrics({k: summary[k] for k in ("achieved_ratio", "params_before", "params_after")})
+        run.log_artifact(args.out / SUMMARY_FILE)
+
+
+if __name__ == "__main__":
+    run_cli(STAGE, main)

@@ -1,0 +1,90 @@
+"""Stage 5: LoRA recovery (peft) of a pruned model on Alpaca-format instructions, merged and saved."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from pruneflow.config import load_params, stage_params
+from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
+
+STAGE = "recover"
+SUMMARY_FILE = "recovery_summary.json"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = parser_for(STAGE, __doc__)
+    parser.add_argument("--model", type=Path, required=True, help="pruned model folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the merged model")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    cfg = params.recover
+
+    from pruneflow.modeling import load_tokenizer, offline_by_default
+    from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
+
+    device = resolve_device(params.runtime.device)
+    dtype = resolve_dtype(params.runtime.dtype, device)
+    require_file(args.model, "model folder")
+    offline_by_default()
+
+    from pruneflow.recovery import load_instruction_data, recover_with_lora, tokenize_for_training
+
+    # data problems fail here, before the model is loaded
+    train, validation = load_instruction_data(cfg.data, val_size=cfg.val_size, seed=params.seed,
+                                              max_train_samples=cfg.max_train_samples)
+
+    from pruneflow.architectures import count_parameters
+    from pruneflow.atomic import atomic_dir
+    from pruneflow.checkpoint import load_pruned, save_pruned
+    from pruneflow.provenance import read_chain, step, write_chain
+    from pruneflow.tracking import stage_run
+
+    tokenizer = load_tokenizer(args.model)
+    train_tokens = tokenize_for_training(train, tokenizer, cutoff_len=cfg.cutoff_len,
+                                         train_on_inputs=cfg.train_on_inputs)
+    val_tokens = tokenize_for_training(validation, tokenizer, cutoff_len=cfg.cutoff_len,
+                                       train_on_inputs=cfg.train_on_inputs)
+    seed_everything(params.seed)
+    tracked = {**stage_params(params, "seed", "runtime", "scale", "recover"), "model": str(args.model)}
+    with stage_run(STAGE, settings=params.mlflow, params=tracked, run_name=f"recover {args.model}") as run:
+        # base weights in the runtime dtype (bf16 on GPU); LoRA adapters train in fp32 under autocast
+        model = load_pruned(args.model, dtype=dtype, device=device)
+
+        def log_entry(entry: dict) -> None:
+            run.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry.get("step"))
+
+        with atomic_dir(args.out) as tmp:  # a failed or killed run leaves the previous output in place
+            result = recover_with_lora(model, tokenizer, train_tokens, val_tokens, cfg, seed=params.seed,
+                                       device=device, dtype=dtype, on_log=log_entry, adapter_dir=tmp / "adapter")
+            merged = result.model.to("cpu")
+            summary = {
+                "initial_val_loss": result.initial_val_loss,
+                "best_val_loss": result.best_val_loss,
+                "best_step": result.best_step,
+                "optimizer_steps": result.optimizer_steps,
+                "train_examples": result.train_examples,
+                "val_examples": len(validation),
+                "seconds": result.seconds,
+                "params": count_parameters(merged),
+                "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."),
+                "command": command_line(),
+                "history": result.history,
+            }
+            save_pruned(merged, tmp, tokenizer=tokenizer)
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            if (args.model / "pruning_summary.json").is_file():
+                (tmp / "pruning_summary.json").write_text((args.model / "pruning_summary.json").read_text())
+            chain = read_chain(args.model)
+            chain.append(step(STAGE, command_line(), tracked, optimizer_steps=result.optimizer_steps,
+                              best_val_loss=result.best_val_loss))
+            write_chain(tmp, chain)
+        run.log_metrics({k: v for k, v in summary.items()
+                         if k in ("initial_val_loss", "best_val_loss", "optimizer_steps", "seconds")})
+        run.log_artifact(args.out / SUMMARY_FILE)
+
+
+if __name__ == "__main__":
+    run_cli(STAGE, main)

@@ -1,0 +1,72 @@
+"""Stage 3: per-group importance of one criterion, computed once and reused for every ratio."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pruneflow.config import load_params, stage_params
+from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
+
+STAGE = "score"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = parser_for(STAGE, __doc__)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--calibration", type=Path, required=True)
+    parser.add_argument("--activations", type=Path, required=True)
+    parser.add_argument("--criterion", required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output .safetensors of group scores")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+
+    from pruneflow.importance import get_criterion
+    from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
+
+    criterion = get_criterion(args.criterion)  # an unknown name fails before any loading
+    device = resolve_device(params.runtime.device)
+    dtype = resolve_dtype(params.runtime.dtype, device)
+    require_file(args.model, "model folder")
+
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pruneflow.checkpoint import load_pruned
+    from pruneflow.importance import ScoringInputs
+    from pruneflow.stages.calibrate import load_calibration
+    from pruneflow.tracking import stage_run
+
+    ids = load_calibration(args.calibration)
+    activations = None
+    if criterion.needs_activations:
+        require_file(args.activations, "activation cache")
+        activations = load_file(str(args.activations))
+    seed_everything(params.seed)
+    tracked = {**stage_params(params, "seed", "runtime", "score"), "criterion": criterion.name}
+    with stage_run(STAGE, settings=params.mlflow, params=tracked, tags={"pruneflow.criterion": criterion.name},
+                   run_name=f"score {criterion.name}") as run:
+        model = load_pruned(args.model, dtype=dtype, device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        scores = criterion.score(model, ScoringInputs(
+            calibration_ids=ids, activations=activations, micro_batch_size=params.score.micro_batch_size,
+            seed=params.seed, device=device, dtype=dtype,
+        ))
+        seconds = time.perf_counter() - started
+        scores.metadata.update({
+            "criterion": criterion.name, "command": command_line(), "device": str(device),
+            "calibration_samples": str(ids.shape[0]), "calibration_seq_len": str(ids.shape[1]),
+        })
+        scores.save(args.out)
+        metrics = {"seconds": seconds}
+        if device.type == "cuda":
+            metrics["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        run.log_metrics(metrics)
+
+
+if __name__ == "__main__":
+    run_cli(STAGE, main)

@@ -1,0 +1,97 @@
+"""Text corpora for perplexity and calibration, read through `datasets` from data/raw.
+
+The evaluation strings follow the recipes the papers' numbers depend on (see DESIGN.md §7):
+- wikitext2: rows of WikiText-2 *raw* test, blank rows as "", joined by "\\n\\n" (GPTQ/Wanda/LLM-Pruner).
+- ptb: the Mikolov PTB **validation** split (what LLM-Pruner's `get_ptb` returns), lines stripped,
+  joined by "\\n\\n"; `ptb_test` is the test split the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pruneflow.errors import DataError
+
+PPL_SOURCES = {
+    "wikitext2": ("wikitext-2-raw/test.txt", "WikiText-2 raw test"),
+    "ptb": ("ptb/ptb.valid.txt", "PTB validation (LLM-Pruner's PTB)"),
+    "ptb_test": ("ptb/ptb.test.txt", "PTB test"),
+}
+
+
+def check_text_file(path: str | Path, what: str) -> Path:
+    """Fail clearly on a missing, empty or non-UTF-8 text file, before any model work."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what} file {str(path)!r} is empty")
+    try:
+        with path.open("rb") as handle:
+            handle.read(1 << 20).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # a multi-byte character cut at the 1 MiB boundary is fine; anything else is not UTF-8
+        if exc.start < (1 << 20) - 4:
+            raise DataError(f"{what} file {str(path)!r} is not UTF-8 text: {exc}") from None
+    return path
+
+
+def read_rows(path: str | Path, what: str) -> list[str]:
+    """Lines of a text file (newlines kept), loaded with the `datasets` text builder."""
+    from datasets import load_dataset
+
+    path = check_text_file(path, what)
+    dataset = load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
+    rows = list(dataset["text"])
+    if not any(row.strip() for row in rows):
+        raise DataError(f"{what} file {str(path)!r} holds only blank lines")
+    return rows
+
+
+def evaluation_text(name: str, data_dir: str | Path) -> str:
+    """The exact evaluation string of a perplexity dataset."""
+    if name not in PPL_SOURCES:
+        raise DataError(f"perplexity dataset {name!r} is unknown; allowed: {', '.join(PPL_SOURCES)}")
+    relative, what = PPL_SOURCES[name]
+    rows = read_rows(Path(data_dir) / relative, what)
+    if name == "wikitext2":
+        return "\n\n".join(row if row.strip() else "" for row in rows)
+    return "\n\n".join(row.strip() for row in rows)
+
+
+@dataclass
+class CalibrationSet:
+    input_ids: torch.Tensor  # [num_samples, seq_len], int64
+    row_indices: list[int]
+    offsets: list[int]
+
+
+def sample_calibration(rows: list[str], tokenizer, num_samples: int, seq_len: int, seed: int) -> CalibrationSet:
+    """LLM-Pruner's recipe: random distinct rows with >= seq_len tokens, a random window in each."""
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    samples, used, offsets = [], [], []
+    for index in order:
+        text = rows[index].strip()
+        if not text:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < seq_len:
+            continue
+        start = rng.randint(0, len(ids) - seq_len)
+        samples.append(ids[start : start + seq_len])
+        used.append(index)
+        offsets.append(start)
+        if len(samples) == num_samples:
+            break
+    if len(samples) < num_samples:
+        raise DataError(
+            f"calibration.num_samples={num_samples} with calibration.seq_len={seq_len}: the source has only "
+            f"{len(samples)} rows of at least {seq_len} tokens; allowed: a smaller num_samples or seq_len"
+        )
+    return CalibrationSet(torch.tensor(samples, dtype=torch.long), used, offsets)

@@ -1,0 +1,476 @@
+"""Zero-shot accuracy of an in-memory causal LM on the LLM-Pruner commonsense suite, through lm-eval.
+
+The scoring is lm-eval's own (`HFLM` log-likelihoods, its `multiple_choice` / `loglikelihood` task
+logic and metrics), so numbers are comparable with papers that used the harness; only the data comes
+from local MosaicML llm-foundry ICL files (`<data_dir>/zeroshot/*.jsonl`), since nothing here may
+touch the Hub. Task configs are generated per call into a temporary directory (absolute data paths,
+names prefixed `pruneflow_` so they never shadow lm-eval's built-in tasks) and the temporary
+directory is removed afterwards. The model is passed in memory (pruned models may have per-layer
+widths that no `from_pretrained` can rebuild), 0-shot, fixed seeds, no result cache.
+
+Prompts (context | scored continuations), matching lm-eval's standard task YAMLs exactly where the
+llm-foundry data allows; the target delimiter is always " ":
+
+- arc_easy, arc_challenge (lm-eval `arc_*`): `"{query}\\nAnswer:"` | `" {choice}"`; the foundry
+  query already reads `"Question: {question}"`, so the context is lm-eval's
+  `"Question: {question}\\nAnswer:"` verbatim.
+- piqa (lm-eval `piqa`): `"{query}Answer:"` | `" {choice}"`; the foundry query is
+  `"Question: {goal}\\n"`, giving lm-eval's `"Question: {goal}\\nAnswer:"`.
+- boolq (lm-eval `boolq`): the query minus its leading `"Passage: "` plus `"\\nAnswer:"` | `" no"`,
+  `" yes"`; the foundry query is `"Passage: {passage}\\nQuestion: {question}?"`, giving lm-eval's
+  `"{passage}\\nQuestion: {question}?\\nAnswer:"`.
+- openbookqa (lm-eval `openbookqa`): `"{query}"` (the question stem) | `" {choice}"`.
+- winogrande (lm-eval `winogrande`, partial scoring): each of `context_options` (the sentence up to
+  the blank with the option filled in) is a context; the one continuation `" {continuation}"` (the
+  rest of the sentence) is scored under each; the prediction is the context that makes it likeliest.
+- lambada (lm-eval `lambada_openai`): `"{context}"` | `" {continuation}"` (the last word);
+  acc = the continuation is the greedy decode, perplexity = exp(-mean log-likelihood).
+
+Metrics: acc is argmax of the summed log-likelihood; acc_norm divides by the choice's character
+length (lm-eval's definition). Both are recorded wherever lm-eval's task defines both (ARC, PIQA,
+OpenBookQA); BoolQ and WinoGrande define acc only (acc_norm would be meaningless for WinoGrande,
+whose "choices" are contexts), lambada acc and perplexity. Tasks without acc_norm report None.
+
+Headline metric (`HEADLINE_METRIC`, used by `zeroshot_average`): the LLM-Pruner table convention,
+acc for BoolQ, PIQA, WinoGrande and lambada, acc_norm for ARC-e, ARC-c and OBQA. (Reproductions in
+LLM-Pruner issue #25 suggest its ARC-e column may actually be acc; both are recorded, and
+`zeroshot_average(metric_by_task=...)` recomputes the mean under any other convention.)
+
+Cost: lm-eval runs context + choice as one sequence per choice, so it is compute-bound on the
+shared contexts; SmolLM2-135M on 2 CPU cores takes about a minute for arc_easy + piqa at limit=100
+(batch size 32; 8 and 64 were slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from pruneflow.config import ZEROSHOT_TASKS
+from pruneflow.errors import ConfigError, DataError
+
+HEADLINE_METRIC: dict[str, str] = {
+    "boolq": "acc",
+    "piqa": "acc",
+    "winogrande": "acc",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+    "lambada": "acc",
+}
+
+TASK_PREFIX = "pruneflow_"
+# lm-eval's simple_evaluate defaults, so runs are comparable with harness CLI runs.
+_RANDOM_SEED, _NUMPY_SEED, _TORCH_SEED, _FEWSHOT_SEED = 0, 1234, 1234, 1234
+# Only lambada's perplexity is bootstrapped (mean metrics have closed-form stderrs); 1000 draws
+# (one deterministic chunk, no process pool) keep it to about a second.
+_BOOTSTRAP_ITERS = 1000
+# HFLM warns twice on every in-memory model, which is exactly how this module is meant to use it.
+_HFLM_IN_MEMORY_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+# Required keys of each llm-foundry record layout (checked line by line before any model work).
+_SCHEMAS: dict[str, tuple[str, ...]] = {
+    "multiple_choice": ("query", "choices", "gold"),
+    "partial": ("context_options", "continuation", "gold"),
+    "loglikelihood": ("context", "continuation"),
+}
+
+
+@dataclass(frozen=True)
+class _TaskSpec:
+    """How one pruneflow task maps onto an llm-foundry file and an lm-eval task config."""
+
+    file: str
+    schema: str
+    config: Mapping[str, Any]
+    metrics: tuple[str, ...]
+
+
+_MC_METRICS = ("acc", "acc_norm")
+_SPECS: dict[str, _TaskSpec] = {
+    "arc_easy": _TaskSpec(
+        "arc_easy.jsonl",
+        "multiple_choice",
+        {"doc_to_text": "{{query}}\nAnswer:", "doc_to_choice": "choices", "doc_to_target": "gold"},
+        _MC_METRICS,
+    ),
+    "arc_challenge": _TaskSpec(
+        "arc_challenge.jsonl",
+        "multiple_choice",
+        {"doc_to_text": "{{query}}\nAnswer:", "doc_to_choice": "choices", "doc_to_target": "gold"},
+        _MC_METRICS,
+    ),
+    "piqa": _TaskSpec(
+        "piqa.jsonl",
+        "multiple_choice",
+        {"doc_to_text": "{{query}}Answer:", "doc_to_choice": "choices", "doc_to_target": "gold"},
+        _MC_METRICS,
+    ),
+    "boolq": _TaskSpec(
+        "boolq.jsonl",
+        "multiple_choice",
+        {
+            "doc_to_text": "{{ query[9:] if query.startswith('Passage: ') else query }}\nAnswer:",
+            "doc_to_choice": "choices",
+            "doc_to_target": "gold",
+        },
+        ("acc",),
+    ),
+    "openbookqa": _TaskSpec(
+        "openbook_qa.jsonl",
+        "multiple_choice",
+        {"doc_to_text": "query", "doc_to_choice": "choices", "doc_to_target": "gold"},
+        _MC_METRICS,
+    ),
+    # doc_to_text returning the gold index (an int column) is lm-eval's "multiple inputs" mode:
+    # choices become contexts and doc_to_target is the shared continuation.
+    "winogrande": _TaskSpec(
+        "winogrande.jsonl",
+        "partial",
+        {"doc_to_text": "gold", "doc_to_choice": "context_options", "doc_to_target": "continuation"},
+        ("acc",),
+    ),
+    "lambada": _TaskSpec(
+        "lambada_openai.jsonl",
+        "loglikelihood",
+        {"doc_to_text": "context", "doc_to_target": "{{' ' + continuation}}"},
+        ("perplexity", "acc"),
+    ),
+}
+assert set(_SPECS) == set(ZEROSHOT_TASKS) == set(HEADLINE_METRIC)
+
+_METRIC_CONFIG = {
+    "acc": {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+    "acc_norm": {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+    "perplexity": {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+}
+
+
+def evaluate_zeroshot(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    data_dir: str | Path,
+    limit: int | None,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, dict[str, float | int | str | None]]:
+    """Score `model` 0-shot on `tasks` with lm-eval; one flat metrics dict per task, in `tasks` order.
+
+    Keys: acc, acc_stderr, acc_norm, acc_norm_stderr (None where the task has no acc_norm, or a
+    stderr is undefined because n == 1), n (documents scored), headline_metric; lambada adds
+    perplexity and perplexity_stderr. `limit` = N scores the first N documents of each file (None:
+    all of them). Inputs and every data file are validated before any model work. The model is
+    moved to `device` for the call; its device, its modules' train/eval modes, the tokenizer, the
+    process environment and the global RNG states are as before when this returns.
+    """
+    raw = _run(model, tokenizer, tasks, data_dir, limit, batch_size, device, log_samples=False)
+    return {name: _summarize(name, raw) for name in _check_tasks(tasks)}
+
+
+def zeroshot_average(
+    results: Mapping[str, Mapping[str, Any]], metric_by_task: Mapping[str, str] | None = None
+) -> float:
+    """Mean over tasks of each task's headline metric (or `metric_by_task[task]` where given)."""
+    if not results:
+        raise ConfigError("zeroshot_average: results are empty; allowed: at least one task's metrics")
+    values = []
+    for task, metrics in results.items():
+        metric = (
+            (metric_by_task or {}).get(task) or metrics.get("headline_metric") or HEADLINE_METRIC.get(task)
+        )
+        value = metrics.get(metric) if metric else None
+        if value is None:
+            available = sorted(k for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
+            raise ConfigError(
+                f"zeroshot_average: task {task!r} has no value for metric={metric!r}; "
+                f"allowed: {', '.join(available) or 'none'}"
+            )
+        values.append(float(value))
+    return float(sum(values) / len(values))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def task_file(task: str, data_dir: str | Path) -> Path:
+    """Where a task's llm-foundry jsonl lives under `data_dir`."""
+    return Path(data_dir) / "zeroshot" / _SPECS[task].file
+
+
+def check_task_files(tasks: Sequence[str], data_dir: str | Path) -> None:
+    """Validate task names and every record of their data files (cheap; no model needed)."""
+    for name in _check_tasks(tasks):
+        _read_records(task_file(name, data_dir), _SPECS[name].schema)
+
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    """Deduplicated task list in the given order; unknown names are a ConfigError."""
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not names:
+        raise ConfigError(
+            f"zeroshot tasks=[] is not allowed; allowed: one or more of {', '.join(ZEROSHOT_TASKS)}"
+        )
+    for name in names:
+        if name not in _SPECS:
+            raise ConfigError(f"zeroshot task={name!r} is not allowed; allowed: {', '.join(ZEROSHOT_TASKS)}")
+    return list(dict.fromkeys(names))
+
+
+def _check_positive(key: str, value: Any, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or an integer >= 1" if allow_none else "an integer >= 1"
+        raise ConfigError(f"zeroshot {key}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _record_problem(record: Any, schema: str) -> str | None:
+    """Why `record` does not fit `schema`, or None if it does."""
+    if not isinstance(record, dict):
+        return f"a JSON object is required, got {type(record).__name__}"
+    missing = [k for k in _SCHEMAS[schema] if k not in record]
+    if missing:
+        return f"missing key(s) {', '.join(missing)}"
+    options_key = {"multiple_choice": "choices", "partial": "context_options"}.get(schema)
+    for key in ("query", "context", "continuation"):
+        if key in _SCHEMAS[schema] and not isinstance(record[key], str):
+            return f"{key!r} must be a string"
+    for key in ("query", "context", "continuation"):
+        if key in _SCHEMAS[schema] and not record[key]:
+            return f"{key!r} must not be empty"
+    if options_key is not None:
+        options = record[options_key]
+        if not isinstance(options, list) or len(options) < 2:
+            return f"{options_key!r} must be a list of at least 2 strings"
+        if not all(isinstance(o, str) and o for o in options):
+            return f"{options_key!r} must hold non-empty strings"
+        gold = record["gold"]
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
+            return f"'gold' must be an integer index into {options_key!r}, got {gold!r}"
+    return None
+
+
+def _read_records(path: Path, schema: str) -> list[dict[str, Any]]:
+    """All records of one jsonl file, reduced to the schema's keys; bad files are a DataError."""
+    if not path.is_file():
+        raise DataError(f"zero-shot data file {path} is missing; expected llm-foundry jsonl there")
+    expected = ", ".join(_SCHEMAS[schema])
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{line_no}: not valid JSON ({exc.msg}); expected keys: {expected}"
+                ) from exc
+            problem = _record_problem(record, schema)
+            if problem:
+                raise DataError(f"{path}:{line_no}: {problem}; expected keys: {expected}")
+            records.append({k: record[k] for k in _SCHEMAS[schema]})
+    if not records:
+        raise DataError(
+            f"zero-shot data file {path} is empty; expected one JSON record per line ({expected})"
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------- lm-eval run
+
+
+def _task_config(name: str, data_file: Path, cache_dir: Path) -> dict[str, Any]:
+    """The lm-eval YAML config of one task, reading `data_file` (absolute) with no shared cache."""
+    spec = _SPECS[name]
+    return {
+        "task": TASK_PREFIX + name,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+        "output_type": "loglikelihood" if spec.schema == "loglikelihood" else "multiple_choice",
+        **spec.config,
+        "target_delimiter": " ",
+        "num_fewshot": 0,
+        "metric_list": [_METRIC_CONFIG[m] for m in spec.metrics],
+        "metadata": {"version": 1.0},
+    }
+
+
+@contextlib.contextmanager
+def _isolated_call(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Offline, quiet, seeded and on `device` inside; env, loggers, RNGs and model state restored after.
+
+    stdout is sent to stderr inside, so lm-eval's bare prints cannot mix into a caller's output.
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    # the module, not the `tqdm` class that `datasets.utils` re-exports under the same name
+    datasets_tqdm = importlib.import_module("datasets.utils.tqdm")
+
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    offline_flags = [
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+        (datasets_tqdm, "_hf_datasets_progress_bars_disabled"),  # "Generating test split" bars
+    ]
+    saved_flags = [getattr(mod, attr) for mod, attr in offline_flags]
+    lm_eval_logger = logging.getLogger("lm_eval")
+    saved_level = lm_eval_logger.level
+    hflm_logger = logging.getLogger("lm_eval.models.huggingface")
+    drop_hflm_warning = _MessageFilter(_HFLM_IN_MEMORY_WARNINGS)
+    rng_states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    modes = {module: module.training for module in model.modules()}
+    first_param = next(model.parameters(), None)
+    original_device = first_param.device if first_param is not None else None
+    try:
+        os.environ.update(env)
+        for mod, attr in offline_flags:
+            setattr(mod, attr, True)
+        lm_eval_logger.setLevel(logging.WARNING)
+        hflm_logger.addFilter(drop_hflm_warning)
+        random.seed(_RANDOM_SEED)
+        np.random.seed(_NUMPY_SEED)
+        torch.manual_seed(_TORCH_SEED)
+        if original_device is not None and original_device != device:
+            model.to(device)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if original_device is not None and original_device != device:
+            model.to(original_device)
+        for module, training in modes.items():
+            module.training = training
+        random.setstate(rng_states[0])
+        np.random.set_state(rng_states[1])
+        torch.set_rng_state(rng_states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        hflm_logger.removeFilter(drop_hflm_warning)
+        lm_eval_logger.setLevel(saved_level)
+        for (mod, attr), value in zip(offline_flags, saved_flags, strict=True):
+            setattr(mod, attr, value)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _MessageFilter(logging.Filter):
+    """Drops log records whose message contains any of some fixed substrings."""
+
+    def __init__(self, substrings: Sequence[str]) -> None:
+        super().__init__()
+        self.substrings = tuple(substrings)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(s in message for s in self.substrings)
+
+
+def _run(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    data_dir: str | Path,
+    limit: int | None,
+    batch_size: int,
+    device: torch.device,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Validate everything, then run lm-eval; returns its raw result dict (with samples if asked)."""
+    names = _check_tasks(tasks)
+    _check_positive("limit", limit, allow_none=True)
+    _check_positive("batch_size", batch_size)
+    device = torch.device(device)
+    data_root = Path(data_dir).expanduser().resolve() / "zeroshot"
+    records = {name: _read_records(data_root / _SPECS[name].file, _SPECS[name].schema) for name in names}
+
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="pruneflow-zeroshot-") as tmp:
+        tmp_dir = Path(tmp)
+        for sub in ("tasks", "data", "cache"):
+            (tmp_dir / sub).mkdir()
+        for name in names:
+            # a normalised copy: only the schema's keys (uniform Arrow types), only the docs scored
+            data_file = tmp_dir / "data" / f"{name}.jsonl"
+            docs = records[name] if limit is None else records[name][:limit]
+            data_file.write_text(
+                "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+            )
+            config = _task_config(name, data_file, tmp_dir / "cache")
+            (tmp_dir / "tasks" / f"{name}.yaml").write_text(
+                yaml.safe_dump(config, sort_keys=False), encoding="utf-8"
+            )
+
+        with _isolated_call(model, device):
+            task_manager = TaskManager(include_path=str(tmp_dir / "tasks"), include_defaults=False)
+            loaded = task_manager.load([TASK_PREFIX + name for name in names])
+            for task in loaded["tasks"].values():
+                task.set_fewshot_seed(seed=_FEWSHOT_SEED)
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+            results = evaluate(
+                lm=lm,
+                task_dict=loaded,
+                limit=limit,
+                bootstrap_iters=_BOOTSTRAP_ITERS,
+                log_samples=log_samples,
+            )
+            del lm, loaded, task_manager  # drop the memory-mapped datasets before their files go
+    if results is None:  # only non-zero ranks of a distributed run get None
+        raise RuntimeError("lm-eval returned no results (not rank 0?)")
+    return results
+
+
+def _summarize(name: str, raw: Mapping[str, Any]) -> dict[str, float | int | str | None]:
+    """pruneflow's flat per-task record from lm-eval's `results` / `n-samples` entries."""
+    key = TASK_PREFIX + name
+    metrics = raw["results"][key]
+
+    def value(metric: str) -> float | None:
+        found = metrics.get(f"{metric},none")
+        if found is None or isinstance(found, str):  # lm-eval writes "N/A" for undefined stderrs
+            return None
+        return float(found)
+
+    out: dict[str, float | int | str | None] = {
+        "acc": value("acc"),
+        "acc_stderr": value("acc_stderr"),
+        "acc_norm": value("acc_norm"),
+        "acc_norm_stderr": value("acc_norm_stderr"),
+    }
+    if "perplexity" in _SPECS[name].metrics:
+        out["perplexity"] = value("perplexity")
+        out["perplexity_stderr"] = value("perplexity_stderr")
+    out["n"] = int(raw["n-samples"][key]["effective"])
+    out["headline_metric"] = HEADLINE_METRIC[name]
+    return out

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random GQA models and tiny offline tokenizers (no hub, seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from pruneflow.tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture()
+def llama(tokenizer):
+    from pruneflow.tiny_models import tiny_model
+
+    return tiny_model("llama", vocab_size=len(tokenizer))
+
+
+@pytest.fixture()
+def token_ids(tokenizer) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(123)
+    return torch.randint(0, len(tokenizer), (4, 24), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Llama saved as a plain Hugging Face folder (config, safetensors, tokenizer)."""
+    from pruneflow.tiny_models import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -1,0 +1,132 @@
+"""params.yaml validation: every bad value names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from pruneflow.config import json_schema, load_params, params_from_mapping
+from pruneflow.errors import ConfigError
+
+from .conftest import PROJECT_ROOT
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+def _with(raw: dict, dotted: str, value) -> dict:
+    changed = copy.deepcopy(raw)
+    node = changed
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return changed
+
+
+def test_project_params_are_valid():
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    assert params.scale == "laptop"
+    assert params.grid.criteria and params.grid.ratios
+
+
+def test_laptop_preset_applies_only_at_laptop_scale(raw):
+    laptop = params_from_mapping(raw)
+    full = params_from_mapping(_with(raw, "scale", "full"))
+    assert laptop.evaluate.zeroshot_limit == raw["laptop"]["evaluate"]["zeroshot_limit"]
+    assert laptop.recover.max_steps == raw["laptop"]["recover"]["max_steps"]
+    assert full.evaluate.zeroshot_limit is None and full.evaluate.ppl_max_windows is None
+    assert full.recover.max_steps is None and full.recover.num_epochs == 2
+    assert full.recover.batch_size == 64 and full.recover.micro_batch_size == 4 and full.recover.cutoff_len == 256
+    assert set(full.evaluate.zeroshot_tasks) == {
+        "boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "lambada"
+    }
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "pattern"),
+    [
+        ("grid.criteria", ["taylor_elemnt1"], r"grid.criteria='taylor_elemnt1' .*did you mean 'taylor_element1'"),
+        ("grid.ratios", [1.0], r"grid.ratios=1.0 is not allowed; allowed: a number in \[0, 1\)"),
+        ("grid.ratios", [-0.2], r"grid.ratios=-0.2 is not allowed"),
+        ("grid.ratios", ["0.2"], r"grid.ratios\[0\]='0.2' is not allowed; allowed: a number"),
+        ("grid.recovered_criteria", ["random"], r"grid.recovered_criteria='random' .*criteria listed in grid.criteria"),
+        ("calibration.num_samples", 0, r"calibration.num_samples=0 is not allowed; allowed: an integer > 0"),
+        ("calibration.source", "data/raw/wikitext-2-raw/test.txt", r"calibration.source=.*training split"),
+        ("runtime.device", "gpu", r"runtime.device='gpu' is not allowed; allowed: 'auto', 'cpu'"),
+        ("runtime.dtype", "fp8", r"runtime.dtype='fp8' is not allowed"),
+        ("scale", "huge", r"scale='huge' is not allowed; allowed: 'laptop', 'full'"),
+        ("recover.batch_size", 10, r"recover.batch_size=10 .*multiple of recover.micro_batch_size=4"),
+        ("recover.target_modules", ["qkv"], r"recover.target_modules='qkv' is not allowed"),
+        ("recover.lora_dropout", 1.5, r"recover.lora_dropout=1.5"),
+        ("evaluate.zeroshot_tasks", ["hellaswag"], r"evaluate.zeroshot_tasks='hellaswag' .*allowed: 'boolq'"),
+        ("evaluate.ppl_datasets", ["wikitext"], r"did you mean 'wikitext2'"),
+        ("prune.structures", ["heads"], r"prune.structures='heads' is not allowed; allowed: 'attention', 'ffn'"),
+        ("model.source", "embedded:llama", r"model.source='embedded:llama' is not allowed"),
+        ("seed", "zero", r"seed='zero' is not allowed; allowed: an integer"),
+        ("mlflow.enabled", "yes", r"mlflow.enabled='yes' is not allowed; allowed: true or false"),
+        ("laptop.evaluate.zeroshot_limit", -3, r"laptop.evaluate.zeroshot_limit=-3"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(raw, dotted, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        params_from_mapping(_with(raw, dotted, value))
+
+
+@pytest.mark.parametrize(
+    ("dotted", "pattern"),
+    [
+        ("grid.ratio", r"unknown key 'grid.ratio'.*did you mean 'ratios'"),
+        ("sead", r"unknown key 'sead'.*did you mean 'seed'"),
+        ("recover.lora_rank", r"unknown key 'recover.lora_rank'.*did you mean 'lora_r'"),
+        ("laptop.prune", r"unknown key 'laptop.prune'; allowed keys in laptop: recover, evaluate"),
+        ("laptop.evaluate.windows", r"unknown key 'laptop.evaluate.windows'"),
+    ],
+)
+def test_unknown_keys_suggest_the_nearest(raw, dotted, pattern):
+    changed = _with(raw, dotted, {} if dotted == "laptop.prune" else 1)
+    with pytest.raises(ConfigError, match=pattern):
+        params_from_mapping(changed)
+
+
+def test_layer_range_outside_the_model_is_explained(raw):
+    params = params_from_mapping(_with(raw, "prune.layer_start", 40))
+    with pytest.raises(ConfigError, match=r"prune.layer_start=40, prune.layer_end=-2 select no layers of a model with 30"):
+        params.prune.layer_range(30)
+    assert list(params_from_mapping(raw).prune.layer_range(30)) == list(range(4, 28))
+
+
+def test_missing_and_malformed_params_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_schema_file_is_generated_from_the_dataclasses():
+    committed = yaml.safe_load((PROJECT_ROOT / "workflow/schemas/params.schema.yaml").read_text())
+    assert committed == json_schema(), "regenerate: python -m pruneflow.config --schema > workflow/schemas/params.schema.yaml"
+
+
+def test_every_params_key_is_read_by_the_typed_config(raw):
+    """Binds params.yaml to the code: every key maps to a dataclass field (and the file is complete)."""
+    import dataclasses
+
+    from pruneflow.config import Params
+
+    params = params_from_mapping(raw)
+    for section, value in raw.items():
+        if section == "laptop":
+            continue
+        field_value = getattr(params, section)
+        if dataclasses.is_dataclass(field_value):
+            declared = {f.name for f in dataclasses.fields(field_value)}
+            assert set(value) == declared, f"params.yaml section {section} should list every key explicitly"
+    top = {f.name for f in dataclasses.fields(Params)} - {"raw"}
+    assert set(raw) - {"laptop"} == top

@@ -1,0 +1,131 @@
+"""The whole DAG through Snakemake and through DVC on a tiny model, and what reruns after a change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from .tiny_project import (
+    dvc_planned_stages,
+    dvc_ran_stages,
+    init_git_and_dvc,
+    make_tiny_project,
+    run,
+    snakemake_planned_jobs,
+)
+
+pytestmark = pytest.mark.integration
+
+ALL_STAGES = {"prepare_model", "calibrate", "cache_activations", "score", "prune", "recover", "evaluate_dense",
+              "evaluate_pruned", "evaluate_recovered", "report"}
+
+
+def _set_param(root, dotted: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    node = params
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _touch_source(root, relative: str) -> None:
+    path = root / relative
+    path.write_text(path.read_text() + "\n# edited by the rerun test\n")
+
+
+def _check_outputs(root) -> None:
+    results = (root / "reports/results.md").read_text()
+    for model_id in ("dense", "pruned/taylor_element1/0.3", "pruned/l2_magnitude/0.3", "recovered/taylor_element1/0.3"):
+        assert f"| {model_id} |" in results, model_id
+        metrics = json.loads((root / f"reports/metrics/{model_id}.json").read_text())
+        assert metrics["perplexity"]["wikitext2"]["ppl"] > 1
+        assert 0 <= metrics["zeroshot"]["arc_easy"]["acc"] <= 1
+        assert metrics["provenance"][-1]["stage"] == "evaluate"
+    pruned = json.loads((root / "reports/metrics/pruned/taylor_element1/0.3.json").read_text())
+    dense = json.loads((root / "reports/metrics/dense.json").read_text())
+    summary = pruned["summaries"]["pruning"]
+    assert summary["params_before"] == dense["params"]
+    assert summary["params_after"] == pruned["params"]
+    assert summary["achieved_ratio"] == pytest.approx(0.3, abs=0.02)
+    assert [s["stage"] for s in pruned["provenance"]] == ["prepare_model", "score", "prune", "evaluate"]
+    assert (root / "reports/plots/ppl_vs_ratio.png").stat().st_size > 1000
+    recovered = root / "data/recovered/taylor_element1/0.3"
+    assert (recovered / "adapter/adapter_model.safetensors").is_file()
+    assert json.loads((recovered / "recovery_summary.json").read_text())["optimizer_steps"] == 2
+    assert (root / "reports/results.csv").read_text().count("\n") == 5
+
+
+def _check_mlflow(root, engine: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pruneflow")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("pruneflow.kind") == "pipeline"]
+    stages = [r for r in runs if r.data.tags.get("pruneflow.kind") == "stage"]
+    assert len(parents) == 1, [r.data.tags for r in parents]
+    assert parents[0].data.tags.get("pruneflow.engine") == engine
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {parents[0].info.run_id}
+    assert {r.data.tags["pruneflow.stage"] for r in stages} == {s.split("_")[0] if s.startswith("evaluate") else s
+                                                              for s in ALL_STAGES}
+    evaluate = [r for r in stages if r.data.tags["pruneflow.stage"] == "evaluate"]
+    assert len(evaluate) == 4 and all("perplexity.wikitext2" in r.data.metrics for r in evaluate)
+
+
+def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
+    root = make_tiny_project(tmp_path / "project")
+    run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root)
+    _check_outputs(root)
+    _check_mlflow(root, "snakemake")
+
+    assert snakemake_planned_jobs(root) == {}, "a second run with nothing changed must do nothing"
+
+    _set_param(root, "recover.lora_dropout", 0.1)
+    assert snakemake_planned_jobs(root) == {"recover": 1, "evaluate_recovered": 1, "report": 1}
+    _set_param(root, "recover.lora_dropout", 0.05)
+    assert snakemake_planned_jobs(root) == {}
+
+    _set_param(root, "laptop.evaluate.zeroshot_limit", 5)
+    assert snakemake_planned_jobs(root) == {"evaluate_dense": 1, "evaluate_pruned": 2, "evaluate_recovered": 1,
+                                            "report": 1}
+    _set_param(root, "laptop.evaluate.zeroshot_limit", 6)
+
+    _touch_source(root, "src/pruneflow/stages/prune.py")
+    assert snakemake_planned_jobs(root) == {"prune": 2, "evaluate_pruned": 2, "recover": 1,
+                                            "evaluate_recovered": 1, "report": 1}
+    # rerun for real: only those jobs execute and every earlier output survives
+    dense_metrics = (root / "reports/metrics/dense.json").read_bytes()
+    scores = (root / "data/scores/taylor_element1.safetensors").stat().st_mtime_ns
+    run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root)
+    assert (root / "reports/metrics/dense.json").read_bytes() == dense_metrics
+    assert (root / "data/scores/taylor_element1.safetensors").stat().st_mtime_ns == scores
+    assert snakemake_planned_jobs(root) == {}
+
+
+def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
+    root = make_tiny_project(tmp_path / "project")
+    init_git_and_dvc(root)
+    run(["dvc", "repro"], root)
+    _check_outputs(root)
+    _check_mlflow(root, "dvc")
+    assert "up to date" in run(["dvc", "status"], root).stdout
+
+    assert dvc_planned_stages(root) == [], "a second repro with nothing changed must do nothing"
+
+    _set_param(root, "recover.lora_dropout", 0.1)
+    assert dvc_planned_stages(root) == ["recover@taylor_element1-0.3"]
+    assert dvc_ran_stages(root) == ["evaluate_recovered@taylor_element1-0.3", "recover@taylor_element1-0.3",
+                                    "report"]
+
+    _touch_source(root, "src/pruneflow/stages/prune.py")
+    assert dvc_planned_stages(root) == ["prune@l2_magnitude-0.3", "prune@taylor_element1-0.3"]
+    ran = dvc_ran_stages(root)
+    # the edit changes no output byte, so DVC reruns prune and skips what follows; nothing upstream runs
+    assert ran == ["prune@l2_magnitude-0.3", "prune@taylor_element1-0.3"]
+    assert "up to date" in run(["dvc", "status"], root).stdout
+    metrics = run(["dvc", "metrics", "show", "--json"], root).stdout
+    assert "perplexity" in metrics
