@@ -7,11 +7,10 @@ import importlib
 import shutil
 
 import pytest
-import yaml
 
 from pruneflow.stages.cli import run_cli
 
-from .tiny_project import make_tiny_project, run
+from .tiny_project import make_tiny_project, run, set_param
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +34,8 @@ def workdir(project, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pruneflow.checkpoint, "load_pruned", heavy)
     monkeypatch.setattr(pruneflow.modeling, "load_source", heavy)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["mlflow"]["enabled"] = False
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_param(root, "mlflow.enabled", False)
     return root
-
-
-def _edit(root, dotted: str, value) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    node = params
-    *parents, last = dotted.split(".")
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _run_stage(stage: str, argv: list[str], capsys) -> str:
@@ -95,7 +82,7 @@ def test_ratio_outside_unit_interval(workdir, capsys, ratio):
 
 
 def test_missing_model_path(workdir, capsys):
-    _edit(workdir, "model.source", "./models/does-not-exist")
+    set_param(workdir, "model.source", "./models/does-not-exist")
     out = _sentinel(workdir / "data/models/dense")
     err = _run_stage("prepare_model", ["--out", str(out)], capsys)
     assert "model.source='./models/does-not-exist' does not exist as a local folder; allowed:" in err
@@ -121,7 +108,7 @@ def test_empty_calibration_file(workdir, capsys, content):
 
 
 def test_missing_calibration_file(workdir, capsys):
-    _edit(workdir, "calibration.source", "data/raw/wikitext-2/missing-train.txt")
+    set_param(workdir, "calibration.source", "data/raw/wikitext-2/missing-train.txt")
     out = _sentinel(workdir / "data/calibration/calibration.safetensors")
     err = _run_stage("calibrate", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
     assert "calibration.source file 'data/raw/wikitext-2/missing-train.txt' does not exist" in err
@@ -153,7 +140,7 @@ def test_empty_instruction_file(workdir, capsys):
 
 
 def test_unknown_params_key(workdir, capsys):
-    _edit(workdir, "prune.ratio", 0.2)
+    set_param(workdir, "prune.ratio", 0.2)
     out = _sentinel(workdir / "data/models/dense")
     err = _run_stage("prepare_model", ["--out", str(out)], capsys)
     assert "unknown key 'prune.ratio'; allowed keys in prune: layer_start, layer_end, structures" in err
@@ -173,7 +160,7 @@ def test_snakemake_refuses_bad_params_before_any_job(project, tmp_path, dotted, 
     root = tmp_path / "p"
     shutil.copytree(project, root)
     sentinel = _sentinel(root / "data/models/dense")
-    _edit(root, dotted, value)
+    set_param(root, dotted, value)
     result = run(["snakemake", "--cores", "1", "--resources", "gpu=1"], root, check=False)
     assert result.returncode != 0
     assert expected in result.stdout

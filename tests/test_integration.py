@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from .tiny_project import (
     dvc_planned_stages,
@@ -13,6 +12,7 @@ from .tiny_project import (
     init_git_and_dvc,
     make_tiny_project,
     run,
+    set_param,
     snakemake_planned_jobs,
 )
 
@@ -20,16 +20,6 @@ pytestmark = pytest.mark.integration
 
 ALL_STAGES = {"prepare_model", "calibrate", "cache_activations", "score", "prune", "recover", "evaluate_dense",
               "evaluate_pruned", "evaluate_recovered", "report"}
-
-
-def _set_param(root, dotted: str, value) -> None:
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    node = params
-    *parents, last = dotted.split(".")
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _touch_source(root, relative: str) -> None:
@@ -84,15 +74,15 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
 
     assert snakemake_planned_jobs(root) == {}, "a second run with nothing changed must do nothing"
 
-    _set_param(root, "recover.lora_dropout", 0.1)
+    set_param(root, "recover.lora_dropout", 0.1)
     assert snakemake_planned_jobs(root) == {"recover": 1, "evaluate_recovered": 1, "report": 1}
-    _set_param(root, "recover.lora_dropout", 0.05)
+    set_param(root, "recover.lora_dropout", 0.05)
     assert snakemake_planned_jobs(root) == {}
 
-    _set_param(root, "laptop.evaluate.zeroshot_limit", 5)
+    set_param(root, "laptop.evaluate.zeroshot_limit", 5)
     assert snakemake_planned_jobs(root) == {"evaluate_dense": 1, "evaluate_pruned": 2, "evaluate_recovered": 1,
                                             "report": 1}
-    _set_param(root, "laptop.evaluate.zeroshot_limit", 6)
+    set_param(root, "laptop.evaluate.zeroshot_limit", 6)
 
     _touch_source(root, "src/pruneflow/stages/prune.py")
     assert snakemake_planned_jobs(root) == {"prune": 2, "evaluate_pruned": 2, "recover": 1,
@@ -116,7 +106,7 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
 
     assert dvc_planned_stages(root) == [], "a second repro with nothing changed must do nothing"
 
-    _set_param(root, "recover.lora_dropout", 0.1)
+    set_param(root, "recover.lora_dropout", 0.1)
     assert dvc_planned_stages(root) == ["recover@taylor_element1-0.3"]
     assert dvc_ran_stages(root) == ["evaluate_recovered@taylor_element1-0.3", "recover@taylor_element1-0.3",
                                     "report"]

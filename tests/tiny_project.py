@@ -81,6 +81,17 @@ def make_tiny_project(root: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+def set_param(root: Path, dotted: str, value) -> None:
+    """Set one params.yaml key (dotted path) of a project, as a user editing the file would."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    node = params
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def project_env(root: Path) -> dict[str, str]:
     """The environment stage processes get: the copied sources first on the path, no network."""
     env = dict(os.environ)
