@@ -68,14 +68,15 @@ def test_unknown_criterion(workdir, capsys):
     out = _sentinel(workdir / "data/scores/bogus.safetensors")
     err = _run_stage("score", ["--model", "models/tiny-llama", "--calibration", "c", "--activations", "a",
                                "--criterion", "bogus", "--out", str(out)], capsys)
-    assert "criterion='bogus' is not allowed; allowed: random, l1_magnitude, l2_magnitude, taylor_element1" in err
+    assert "criterion='bogus' is not allowed; allowed: random, l1_magnitude, l2_magnitude, taylor_vector" in err
     assert _untouched(out)
 
 
 @pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
 def test_ratio_outside_unit_interval(workdir, capsys, ratio):
     out = _sentinel(workdir / "data/pruned/taylor_element1" / ratio)
-    err = _run_stage("prune", ["--model", "models/tiny-llama", "--scores", "s", "--criterion", "taylor_element1",
+    err = _run_stage("prune", ["--model", "models/tiny-llama", "--scores", "s", "--activations", "a",
+                               "--criterion", "taylor_element1",
                                "--ratio", ratio, "--out", str(out)], capsys)
     assert f"--ratio={float(ratio)} is not allowed; allowed: a number in [0, 1)" in err
     assert _untouched(out)

@@ -119,3 +119,42 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     assert "up to date" in run(["dvc", "status"], root).stdout
     metrics = run(["dvc", "metrics", "show", "--json"], root).stdout
     assert "perplexity" in metrics
+
+
+def _every_criterion_overrides(**prune) -> dict:
+    from pruneflow.importance import CRITERIA
+
+    return {"grid": {"criteria": list(CRITERIA), "ratios": [0.3]}, "score": {"mi_tokens": 32}, "prune": prune}
+
+
+def _check_pruned(root, criteria, allocation: str) -> None:
+    from pruneflow.checkpoint import load_pruned
+
+    for name in criteria:
+        folder = root / f"data/pruned/{name}/0.3"
+        summary = json.loads((folder / "pruning_summary.json").read_text())
+        assert summary["allocation"] == allocation
+        assert summary["achieved_ratio"] == pytest.approx(0.3, abs=0.02), name
+        assert summary["bias_compensation"] == (name == "flap")
+        assert load_pruned(folder) is not None
+
+
+def test_every_criterion_with_global_allocation_through_snakemake(tmp_path):
+    from pruneflow.importance import CRITERIA
+
+    root = make_tiny_project(tmp_path / "project", _every_criterion_overrides(allocation="global"))
+    run(["snakemake", "--cores", "all", "--resources", "gpu=2", *(f"data/pruned/{c}/0.3" for c in CRITERIA)], root)
+    _check_pruned(root, CRITERIA, "global")
+
+
+def test_query_head_pruning_through_dvc(tmp_path):
+    from pruneflow.importance import CRITERIA
+
+    criteria = list(CRITERIA)
+    root = make_tiny_project(tmp_path / "project", _every_criterion_overrides(attention_unit="query_head"))
+    init_git_and_dvc(root)
+    run(["dvc", "repro", "prune"], root)
+    _check_pruned(root, criteria, "uniform")
+    summary = json.loads((root / "data/pruned/taylor_element1/0.3/pruning_summary.json").read_text())
+    assert summary["attention_unit"] == "query_head"
+    assert all(shape["num_key_value_heads"] == 2 for shape in summary["layer_shapes_after"])

@@ -37,6 +37,10 @@ ZEROSHOT_TASKS = (
     "lambada",
 )
 STRUCTURES = ("attention", "ffn")
+AGGREGATIONS = ("sum", "product", "max", "last")
+ALLOCATIONS = ("uniform", "global")
+ATTENTION_UNITS = ("kv_group", "query_head")
+BIAS_COMPENSATION = ("auto", "on", "off")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -109,9 +113,22 @@ class ActivationParams:
 @dataclass(frozen=True)
 class ScoreParams:
     micro_batch_size: int = 2
+    aggregation: str = "sum"
+    mi_alpha: float = 2.0
+    mi_bandwidth: str = "silverman"
+    mi_bandwidth_scale: float = 1.0
+    mi_tokens: int = 256
+    mi_threshold: float | None = None
+    mi_pairs_per_neuron: int | None = None
 
     def validate(self, prefix: str) -> None:
         _check_positive(f"{prefix}.micro_batch_size", self.micro_batch_size)
+        if self.aggregation not in AGGREGATIONS:
+            _fail(f"{prefix}.aggregation", self.aggregation, _allowed(AGGREGATIONS))
+        from pruneflow.importance import CRITERIA, criterion_settings
+
+        # the criterion validates its own settings (one place), with the params' key names
+        CRITERIA["mutual_information"](**criterion_settings("mutual_information", self))
 
 
 @dataclass(frozen=True)
@@ -149,8 +166,16 @@ class PruneParams:
     layer_start: int = 4
     layer_end: int = -2
     structures: tuple[str, ...] = STRUCTURES
+    allocation: str = "uniform"
+    attention_unit: str = "kv_group"
+    bias_compensation: str = "auto"
 
     def validate(self, prefix: str) -> None:
+        for key, value, allowed in (("allocation", self.allocation, ALLOCATIONS),
+                                    ("attention_unit", self.attention_unit, ATTENTION_UNITS),
+                                    ("bias_compensation", self.bias_compensation, BIAS_COMPENSATION)):
+            if value not in allowed:
+                _fail(f"{prefix}.{key}", value, _allowed(allowed) + _did_you_mean(str(value), allowed))
         for name in self.structures:
             if name not in STRUCTURES:
                 _fail(f"{prefix}.structures", name, _allowed(STRUCTURES))
@@ -298,6 +323,9 @@ class Params:
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
                 value.validate(f.name)
+        if self.activations.max_tokens < self.score.mi_tokens and "mutual_information" in self.grid.criteria:
+            _fail("score.mi_tokens", self.score.mi_tokens,
+                  f"at most activations.max_tokens={self.activations.max_tokens} (the cached token rows)")
 
 
 # Sections the `laptop:` preset may cap (full scale ignores it).

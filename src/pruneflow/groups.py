@@ -56,6 +56,24 @@ def attention_group_vectors(
     return vectors
 
 
+def attention_head_vectors(
+    layer: nn.Module,
+    num_heads: int,
+    element_score: Callable[[str, nn.Linear, str], torch.Tensor | None],
+) -> dict[str, torch.Tensor]:
+    """Per-matrix scores of single query heads, each of shape [num_heads]: a query head owns its
+    rows of q_proj (and bias) and its columns of o_proj; k/v stay with the KV group."""
+    q_proj = attention_matrix(layer, "q_proj")
+    total = element_score("q_proj", q_proj, "weight").reshape(num_heads, -1).sum(dim=1)
+    if q_proj.bias is not None:
+        bias_scores = element_score("q_proj", q_proj, "bias")
+        if bias_scores is not None:
+            total = total + bias_scores.reshape(num_heads, -1).sum(dim=1)
+    o_proj = attention_matrix(layer, "o_proj")
+    o_scores = element_score("o_proj", o_proj, "weight")
+    return {"q_proj": total, "o_proj": o_scores.reshape(o_scores.shape[0], num_heads, -1).sum(dim=(0, 2))}
+
+
 def ffn_group_vectors(
     layer: nn.Module,
     element_score: Callable[[str, nn.Linear, str], torch.Tensor | None],
@@ -98,6 +116,11 @@ def attention_group_params(hidden_size: int, head_size: int, heads_per_group: in
     count += 2 * head_size if kv_bias else 0
     del o_bias  # o_proj's bias is per output (hidden) row: it stays
     return count
+
+
+def query_head_params(hidden_size: int, head_size: int, q_bias: bool = False) -> int:
+    """Parameters removed with one query head (its q rows and bias, its o_proj columns)."""
+    return 2 * head_size * hidden_size + (head_size if q_bias else 0)
 
 
 def ffn_channel_params(hidden_size: int, gate_up_bias: bool = False) -> int:

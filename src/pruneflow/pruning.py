@@ -1,15 +1,26 @@
 """Structural pruning: choose the lowest-scored groups and physically remove them.
 
 `ratio` is the fraction of *all* model parameters to remove (embeddings included in the total),
-which is what the papers' "20% pruned" means. Every pruned layer gets the same per-layer fraction
-(LLM-Pruner's block-wise setting): attention loses round(p * KV groups) whole GQA groups, and the FFN
-channel count is solved so that the total removed matches the request to within one channel per
-layer. The real parameter count is measured after surgery and checked against the plan.
+which is what the papers' "20% pruned" means. Removable units, per pruned layer:
+- attention, `attention_unit: kv_group`: whole GQA groups (a KV head with its query heads);
+- attention, `attention_unit: query_head`: query heads, the same number from every KV group (so the
+  layer stays expressible as heads = kv_heads x heads_per_group); a "level" removes each group's
+  next-lowest head;
+- FFN channels.
+Allocation:
+- `uniform` (LLM-Pruner's block-wise setting): every pruned layer loses the same fraction of its
+  attention units; FFN channels are solved so the total matches the request to within one channel
+  per layer;
+- `global`: one ranking across layers and structures (FLAP-style): each unit's score per removed
+  parameter, standardised per structure over the pruned layers, lowest removed first until the
+  target is met, so widths differ per layer.
+Every layer keeps at least one unit of each structure. The real parameter count is measured after
+surgery and checked against the plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,46 +35,142 @@ from pruneflow.architectures import (
     shrink_linear,
     sync_layer_attributes,
 )
-from pruneflow.config import check_ratio
+from pruneflow.config import ALLOCATIONS, ATTENTION_UNITS, check_ratio
 from pruneflow.errors import ConfigError, DataError
-from pruneflow.groups import attention_group_params, ffn_channel_params
+from pruneflow.groups import attention_group_params, ffn_channel_params, query_head_params
 from pruneflow.importance.base import GroupScores
 
 
 @dataclass
 class PruningPlan:
-    """Which groups each layer keeps, and the bookkeeping that predicts the result."""
+    """Which heads, groups and channels each layer keeps, and the bookkeeping that predicts the result."""
 
     requested_ratio: float
     layers: list[int]
     structures: tuple[str, ...]
-    per_layer_fraction: float
+    allocation: str = "uniform"
+    attention_unit: str = "kv_group"
+    per_layer_fraction: float | None = None
     kept_attention_groups: dict[int, list[int]] = field(default_factory=dict)
+    kept_query_heads: dict[int, list[int]] = field(default_factory=dict)
     kept_ffn_channels: dict[int, list[int]] = field(default_factory=dict)
     removed_attention_groups: dict[int, list[int]] = field(default_factory=dict)
+    removed_query_heads: dict[int, list[int]] = field(default_factory=dict)
     removed_ffn_channels: dict[int, list[int]] = field(default_factory=dict)
     params_before: int = 0
     expected_params_removed: int = 0
 
 
-def _layer_costs(layer: nn.Module, shape: LayerShape, size: int) -> tuple[int, int]:
-    attn = layer.self_attn
-    group = attention_group_params(
-        hidden_size=attn.q_proj.in_features,
-        head_size=size,
-        heads_per_group=shape.num_attention_heads // shape.num_key_value_heads,
-        q_bias=attn.q_proj.bias is not None,
-        kv_bias=attn.k_proj.bias is not None,
-    )
-    channel = ffn_channel_params(layer.mlp.gate_proj.in_features, gate_up_bias=layer.mlp.gate_proj.bias is not None)
-    return group, channel
+@dataclass(frozen=True)
+class _LayerUnits:
+    """One layer's removable units of one structure, in removal order (lowest score first)."""
+
+    layer: int
+    structure: str  # "attention" | "ffn"
+    cost: int  # parameters removed per unit
+    ordered_scores: torch.Tensor  # ascending
+    order: list[list[int]]  # order[k]: the indices (groups / heads / channels) the k-th unit removes
+    max_units: int  # at least one unit stays
 
 
-def _lowest(scores: torch.Tensor, count: int, what: str) -> list[int]:
+def _check_scores(scores: torch.Tensor, what: str) -> None:
     if torch.isnan(scores).any():
         raise DataError(f"{what} scores contain NaN; rescore (fp16 is known to give NaN: use bfloat16 or float32)")
-    order = torch.argsort(scores.double(), stable=True)
-    return sorted(order[:count].tolist())
+
+
+def _ascending(scores: torch.Tensor) -> list[int]:
+    return torch.argsort(scores.double(), stable=True).tolist()
+
+
+def _attention_units(layer_index: int, layer: nn.Module, shape: LayerShape, size: int, scores: GroupScores,
+                     unit: str) -> _LayerUnits:
+    attn = layer.self_attn
+    per_group = shape.num_attention_heads // shape.num_key_value_heads
+    hidden = attn.q_proj.in_features
+    if unit == "kv_group":
+        group_scores = scores.attention[layer_index]
+        _check_scores(group_scores, f"layer {layer_index} attention")
+        order = _ascending(group_scores)
+        cost = attention_group_params(hidden, size, per_group, q_bias=attn.q_proj.bias is not None,
+                                      kv_bias=attn.k_proj.bias is not None)
+        return _LayerUnits(layer_index, "attention", cost, group_scores.double()[order], [[g] for g in order],
+                           shape.num_key_value_heads - 1)
+    if scores.attention_heads is None:
+        raise DataError(
+            f"the scores (criterion {scores.metadata.get('criterion')!r}) hold no per-query-head scores; "
+            "prune.attention_unit='query_head' needs them: use attention_unit 'kv_group' or another criterion"
+        )
+    head_scores = scores.attention_heads[layer_index]
+    if head_scores.numel() != shape.num_attention_heads:
+        raise DataError(f"scores of layer {layer_index} have {head_scores.numel()} query heads but the layer has "
+                        f"{shape.num_attention_heads}; rerun the score stage for this model")
+    _check_scores(head_scores, f"layer {layer_index} query-head")
+    # level k removes the k-th lowest head of every group: same count per group, config stays valid
+    per_group_order = [
+        [g * per_group + j for j in _ascending(head_scores[g * per_group:(g + 1) * per_group])]
+        for g in range(shape.num_key_value_heads)
+    ]
+    levels = [[order[k] for order in per_group_order] for k in range(per_group)]
+    level_scores = torch.stack([head_scores.double()[level].sum() for level in levels])
+    cost = shape.num_key_value_heads * query_head_params(hidden, size, q_bias=attn.q_proj.bias is not None)
+    return _LayerUnits(layer_index, "attention", cost, level_scores, levels, per_group - 1)
+
+
+def _ffn_units(layer_index: int, layer: nn.Module, shape: LayerShape, scores: GroupScores) -> _LayerUnits:
+    channel_scores = scores.ffn[layer_index]
+    _check_scores(channel_scores, f"layer {layer_index} FFN")
+    order = _ascending(channel_scores)
+    cost = ffn_channel_params(layer.mlp.gate_proj.in_features, gate_up_bias=layer.mlp.gate_proj.bias is not None)
+    return _LayerUnits(layer_index, "ffn", cost, channel_scores.double()[order], [[c] for c in order],
+                       shape.intermediate_size - 1)
+
+
+def _uniform_counts(units: list[_LayerUnits], target: float) -> tuple[dict[tuple[int, str], int], float]:
+    """Same fraction of attention units per layer; FFN channels fill the rest of the target."""
+    prunable = sum(u.cost * (u.max_units + 1) for u in units)
+    fraction = target / prunable if prunable else 0.0
+    attention = [u for u in units if u.structure == "attention"]
+    ffn = [u for u in units if u.structure == "ffn"]
+    counts: dict[tuple[int, str], int] = {}
+    share = fraction if ffn else target / sum(u.cost * (u.max_units + 1) for u in attention)
+    for u in attention:
+        counts[(u.layer, u.structure)] = min(round(share * (u.max_units + 1)), u.max_units)
+    removed = sum(counts[(u.layer, u.structure)] * u.cost for u in attention)
+    if ffn:
+        capacity = sum(u.cost * (u.max_units + 1) for u in ffn)
+        ffn_share = max(0.0, target - removed) / capacity
+        for u in ffn:
+            counts[(u.layer, u.structure)] = min(round(ffn_share * (u.max_units + 1)), u.max_units)
+    return counts, fraction
+
+
+def _global_counts(units: list[_LayerUnits], target: float) -> dict[tuple[int, str], int]:
+    """One ranking over all layers: score per parameter, standardised per structure, lowest first."""
+    candidates = []
+    for structure in ("attention", "ffn"):
+        members = [u for u in units if u.structure == structure]
+        if not members:
+            continue
+        per_param = torch.cat([u.ordered_scores / u.cost for u in members])
+        mean, std = per_param.mean(), per_param.std(unbiased=False)
+        std = std if std > 0 else torch.tensor(1.0, dtype=per_param.dtype)
+        for u in members:
+            normalised = ((u.ordered_scores / u.cost - mean) / std).tolist()
+            # removal order inside a layer is fixed: a later unit never ranks before an earlier one
+            running = float("-inf")
+            for rank, value in enumerate(normalised):
+                running = max(running, value)
+                candidates.append((running, u.layer, structure, rank, u))
+    candidates.sort(key=lambda c: (c[0], c[1], c[2], c[3]))
+    counts = {(u.layer, u.structure): 0 for u in units}
+    removed = 0
+    for _, layer, structure, rank, u in candidates:
+        key = (layer, structure)
+        if counts[key] != rank or counts[key] >= u.max_units or removed + u.cost > target:
+            continue
+        counts[key] += 1
+        removed += u.cost
+    return counts
 
 
 def plan_pruning(
@@ -72,9 +179,15 @@ def plan_pruning(
     ratio: float,
     layers: Sequence[int],
     structures: Sequence[str] = ("attention", "ffn"),
+    allocation: str = "uniform",
+    attention_unit: str = "kv_group",
 ) -> PruningPlan:
     """Decide what to remove so that `ratio` of all parameters goes, lowest scores first."""
     ratio = check_ratio(ratio, "ratio")
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"prune.allocation={allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS)}")
+    if attention_unit not in ATTENTION_UNITS:
+        raise ConfigError(f"prune.attention_unit={attention_unit!r} is not allowed; allowed: {', '.join(ATTENTION_UNITS)}")
     blocks = decoder_layers(model)
     if len(scores.attention) != len(blocks):
         raise DataError(
@@ -85,7 +198,6 @@ def plan_pruning(
     total = count_parameters(model)
     target = ratio * total
     shapes = {i: layer_shape(blocks[i], size) for i in layers}
-    costs = {i: _layer_costs(blocks[i], shapes[i], size) for i in layers}
     for i in layers:
         if scores.attention[i].numel() != shapes[i].num_key_value_heads or scores.ffn[i].numel() != shapes[i].intermediate_size:
             raise DataError(
@@ -93,60 +205,51 @@ def plan_pruning(
                 f"{scores.ffn[i].numel()} FFN channels but the layer has {shapes[i].num_key_value_heads} / "
                 f"{shapes[i].intermediate_size}; rerun the score stage for this model"
             )
-
-    use_attention = "attention" in structures
-    use_ffn = "ffn" in structures
-    prunable = sum(
-        (costs[i][0] * shapes[i].num_key_value_heads if use_attention else 0)
-        + (costs[i][1] * shapes[i].intermediate_size if use_ffn else 0)
-        for i in layers
-    )
-    # at least one attention group and one FFN channel stay in every layer
-    removable = sum(
-        (costs[i][0] * (shapes[i].num_key_value_heads - 1) if use_attention else 0)
-        + (costs[i][1] * (shapes[i].intermediate_size - 1) if use_ffn else 0)
-        for i in layers
-    )
+    units: list[_LayerUnits] = []
+    for i in layers:
+        if "attention" in structures:
+            units.append(_attention_units(i, blocks[i], shapes[i], size, scores, attention_unit))
+        if "ffn" in structures:
+            units.append(_ffn_units(i, blocks[i], shapes[i], scores))
+    removable = sum(u.cost * u.max_units for u in units)
     if target > removable:
         raise ConfigError(
             f"ratio={ratio} asks to remove {int(target):,} parameters but layers "
             f"{layers[0]}..{layers[-1]} with structures {list(structures)} hold only {removable:,} removable "
             f"ones; allowed here: ratio <= {removable / total:.3f} (or widen prune.layer_start/layer_end)"
         )
-    fraction = target / prunable if prunable else 0.0
+    if allocation == "uniform":
+        counts, fraction = _uniform_counts(units, target)
+    else:
+        counts, fraction = _global_counts(units, target), None
 
-    attention_removed = {i: 0 for i in layers}
-    if use_attention:
-        for i in layers:
-            kv = shapes[i].num_key_value_heads
-            share = fraction if use_ffn else target / sum(costs[j][0] * shapes[j].num_key_value_heads for j in layers)
-            attention_removed[i] = min(round(share * kv), kv - 1)
-    removed_by_attention = sum(attention_removed[i] * costs[i][0] for i in layers)
-
-    ffn_removed = {i: 0 for i in layers}
-    if use_ffn:
-        remaining = max(0.0, target - removed_by_attention)
-        channel_capacity = sum(costs[i][1] * shapes[i].intermediate_size for i in layers)
-        share = remaining / channel_capacity if channel_capacity else 0.0
-        for i in layers:
-            width = shapes[i].intermediate_size
-            ffn_removed[i] = min(round(share * width), width - 1)
-
-    plan = PruningPlan(
-        requested_ratio=ratio,
-        layers=list(layers),
-        structures=tuple(structures),
-        per_layer_fraction=fraction,
-        params_before=total,
-    )
+    plan = PruningPlan(requested_ratio=ratio, layers=list(layers), structures=tuple(structures),
+                       allocation=allocation, attention_unit=attention_unit, per_layer_fraction=fraction,
+                       params_before=total)
     for i in layers:
-        removed_att = _lowest(scores.attention[i], attention_removed[i], f"layer {i} attention")
-        removed_ffn = _lowest(scores.ffn[i], ffn_removed[i], f"layer {i} FFN")
-        plan.removed_attention_groups[i] = removed_att
-        plan.removed_ffn_channels[i] = removed_ffn
-        plan.kept_attention_groups[i] = [g for g in range(shapes[i].num_key_value_heads) if g not in set(removed_att)]
-        plan.kept_ffn_channels[i] = [c for c in range(shapes[i].intermediate_size) if c not in set(removed_ffn)]
-        plan.expected_params_removed += len(removed_att) * costs[i][0] + len(removed_ffn) * costs[i][1]
+        shape = shapes[i]
+        per_group = shape.num_attention_heads // shape.num_key_value_heads
+        removed_groups: list[int] = []
+        removed_heads: list[int] = []
+        removed_channels: list[int] = []
+        for u in units:
+            if u.layer != i:
+                continue
+            chosen = sorted(index for unit in u.order[:counts[(i, u.structure)]] for index in unit)
+            plan.expected_params_removed += counts[(i, u.structure)] * u.cost
+            if u.structure == "ffn":
+                removed_channels = chosen
+            elif attention_unit == "kv_group":
+                removed_groups = chosen
+                removed_heads = [g * per_group + j for g in chosen for j in range(per_group)]
+            else:
+                removed_heads = chosen
+        plan.removed_attention_groups[i] = removed_groups
+        plan.removed_query_heads[i] = removed_heads
+        plan.removed_ffn_channels[i] = removed_channels
+        plan.kept_attention_groups[i] = [g for g in range(shape.num_key_value_heads) if g not in set(removed_groups)]
+        plan.kept_query_heads[i] = [h for h in range(shape.num_attention_heads) if h not in set(removed_heads)]
+        plan.kept_ffn_channels[i] = [c for c in range(shape.intermediate_size) if c not in set(removed_channels)]
     return plan
 
 
@@ -156,26 +259,36 @@ def _rows_of_heads(heads: Sequence[int], size: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
 
 
-def prune_layer(layer: nn.Module, kept_groups: Sequence[int], kept_channels: Sequence[int], size: int) -> LayerShape:
-    """Physically shrink one decoder layer to the kept KV groups and FFN channels."""
+def prune_layer(layer: nn.Module, kept_groups: Sequence[int], kept_heads: Sequence[int],
+                kept_channels: Sequence[int], size: int) -> LayerShape:
+    """Physically shrink one decoder layer to the kept KV groups, query heads and FFN channels.
+
+    `kept_heads` must hold the same number of query heads of every kept group (GQA stays valid).
+    """
     shape = layer_shape(layer, size)
     per_group = shape.num_attention_heads // shape.num_key_value_heads
+    kept_groups, kept_heads = sorted(kept_groups), sorted(kept_heads)
+    heads_per_kept_group = [sum(1 for h in kept_heads if h // per_group == g) for g in kept_groups]
+    if len(set(heads_per_kept_group)) != 1 or any(h // per_group not in set(kept_groups) for h in kept_heads):
+        raise ValueError(f"kept query heads {kept_heads} do not give every kept KV group {kept_groups} the same "
+                         "number of heads; GQA needs heads = kv_heads x heads_per_group")
+    new_per_group = heads_per_kept_group[0]
     attn, mlp = layer.self_attn, layer.mlp
-    if len(kept_groups) != shape.num_key_value_heads:
-        query_heads = [g * per_group + j for g in kept_groups for j in range(per_group)]
-        q_rows = _rows_of_heads(query_heads, size)
-        kv_rows = _rows_of_heads(list(kept_groups), size)
+    if len(kept_heads) != shape.num_attention_heads:
+        q_rows = _rows_of_heads(kept_heads, size)
         attn.q_proj = shrink_linear(attn.q_proj, keep_out=q_rows)
+        attn.o_proj = shrink_linear(attn.o_proj, keep_in=q_rows)
+    if len(kept_groups) != shape.num_key_value_heads:
+        kv_rows = _rows_of_heads(kept_groups, size)
         attn.k_proj = shrink_linear(attn.k_proj, keep_out=kv_rows)
         attn.v_proj = shrink_linear(attn.v_proj, keep_out=kv_rows)
-        attn.o_proj = shrink_linear(attn.o_proj, keep_in=q_rows)
     if len(kept_channels) != shape.intermediate_size:
         channels = torch.tensor(list(kept_channels), dtype=torch.long)
         mlp.gate_proj = shrink_linear(mlp.gate_proj, keep_out=channels)
         mlp.up_proj = shrink_linear(mlp.up_proj, keep_out=channels)
         mlp.down_proj = shrink_linear(mlp.down_proj, keep_in=channels)
     new_shape = LayerShape(
-        num_attention_heads=len(kept_groups) * per_group,
+        num_attention_heads=len(kept_groups) * new_per_group,
         num_key_value_heads=len(kept_groups),
         intermediate_size=len(kept_channels),
     )
@@ -190,7 +303,7 @@ def apply_pruning(model: nn.Module, plan: PruningPlan) -> int:
     size = head_dim(model)
     blocks = decoder_layers(model)
     for i in plan.layers:
-        prune_layer(blocks[i], plan.kept_attention_groups[i], plan.kept_ffn_channels[i], size)
+        prune_layer(blocks[i], plan.kept_attention_groups[i], plan.kept_query_heads[i], plan.kept_ffn_channels[i], size)
     record_layer_shapes(model)
     removed = plan.params_before - count_parameters(model)
     if removed != plan.expected_params_removed:
@@ -198,3 +311,83 @@ def apply_pruning(model: nn.Module, plan: PruningPlan) -> int:
             f"pruning removed {removed:,} parameters but the plan predicted {plan.expected_params_removed:,}"
         )
     return removed
+
+
+# ---- bias compensation (FLAP): a removed input channel is replaced by its calibration mean ----
+
+COMPENSABLE_MODEL_TYPES = ("llama",)
+
+
+def check_bias_compensation(model_type: str | None) -> None:
+    """Only families whose config can switch on o_proj/down_proj biases keep a loadable checkpoint."""
+    if model_type not in COMPENSABLE_MODEL_TYPES:
+        raise ConfigError(
+            f"prune.bias_compensation='on' needs output biases on o_proj/down_proj, which model_type="
+            f"{model_type!r} cannot express in its config; allowed for: {', '.join(COMPENSABLE_MODEL_TYPES)} "
+            "(set prune.bias_compensation to 'off' or 'auto')"
+        )
+
+
+def compensation_biases(model: nn.Module, plan: PruningPlan,
+                        activations: Mapping[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per pruned layer, the o_proj and down_proj bias that stands in for the removed inputs:
+    W[:, removed] @ mean(X[removed]). Computed before surgery, while the columns exist."""
+    from pruneflow.importance.activation import input_mean_and_variance
+
+    size = head_dim(model)
+    blocks = decoder_layers(model)
+    deltas = {}
+    for i in plan.layers:
+        attn, mlp = blocks[i].self_attn, blocks[i].mlp
+        o_mean, _ = input_mean_and_variance(activations, i, "o_proj")
+        down_mean, _ = input_mean_and_variance(activations, i, "down_proj")
+        if o_mean.numel() != attn.o_proj.in_features or down_mean.numel() != mlp.down_proj.in_features:
+            raise DataError(f"cached activations of layer {i} do not match the model's widths; rerun cache_activations")
+        columns = _rows_of_heads(plan.removed_query_heads[i], size)
+        channels = torch.tensor(plan.removed_ffn_channels[i], dtype=torch.long)
+        with torch.no_grad():
+            o_weight = attn.o_proj.weight.detach().double().cpu()
+            down_weight = mlp.down_proj.weight.detach().double().cpu()
+            o_delta = o_weight[:, columns] @ o_mean[columns] if len(columns) else torch.zeros(o_weight.shape[0], dtype=torch.float64)
+            down_delta = down_weight[:, channels] @ down_mean[channels] if len(channels) else torch.zeros(down_weight.shape[0], dtype=torch.float64)
+        deltas[i] = (o_delta, down_delta)
+    return deltas
+
+
+def _with_bias(linear: nn.Linear) -> nn.Linear:
+    if linear.bias is not None:
+        return linear
+    new = nn.Linear(linear.in_features, linear.out_features, bias=True,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight)
+        new.bias.zero_()
+    return new
+
+
+def add_compensation_biases(model: nn.Module, deltas: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Switch the config's attention/MLP biases on (zero where nothing is compensated), add the
+    deltas to o_proj/down_proj, and return the number of parameters this adds."""
+    check_bias_compensation(getattr(model.config, "model_type", None))
+    before = count_parameters(model)
+    for index, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        for holder, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                setattr(holder, name, _with_bias(getattr(holder, name)))
+        if index in deltas:
+            o_delta, down_delta = deltas[index]
+            with torch.no_grad():
+                attn.o_proj.bias.add_(o_delta.to(attn.o_proj.bias.device, attn.o_proj.bias.dtype))
+                mlp.down_proj.bias.add_(down_delta.to(mlp.down_proj.bias.device, mlp.down_proj.bias.dtype))
+    model.config.attention_bias = True
+    model.config.mlp_bias = True
+    return count_parameters(model) - before
+
+
+def uses_bias_compensation(setting: str, criterion: str) -> bool:
+    """`auto` compensates for FLAP (part of that method), `on` always, `off` never."""
+    if setting == "auto":
+        return criterion == "flap"
+    return setting == "on"

@@ -59,7 +59,13 @@ STAGE_SOURCES = {
         "src/pruneflow/groups.py",
         *sorted(str(p) for p in Path(workflow.basedir, "src/pruneflow/importance").glob("*.py")),
     ],
-    "prune": ["src/pruneflow/stages/prune.py", "src/pruneflow/pruning.py", "src/pruneflow/checkpoint.py"],
+    "prune": [
+        "src/pruneflow/stages/prune.py",
+        "src/pruneflow/pruning.py",
+        "src/pruneflow/checkpoint.py",
+        "src/pruneflow/groups.py",
+        "src/pruneflow/importance/activation.py",
+    ],
     "recover": ["src/pruneflow/stages/recover.py", "src/pruneflow/recovery.py"],
     "evaluate": [
         "src/pruneflow/stages/evaluate.py",

@@ -30,6 +30,7 @@ rule prune:
     input:
         model=MODEL_DIR,
         scores=SCORES,
+        activations=ACTIVATIONS,
         code=STAGE_SOURCES["prune"],
     output:
         directory(PRUNED_DIR),
@@ -45,7 +46,8 @@ rule prune:
     shell:
         stage_command(
             "prune",
-            "--model {input.model} --scores {input.scores} --criterion {wildcards.criterion} "
+            "--model {input.model} --scores {input.scores} --activations {input.activations} "
+            "--criterion {wildcards.criterion} "
             "--ratio {wildcards.ratio} --out {output}",
         )
         + " > {log} 2>&1"

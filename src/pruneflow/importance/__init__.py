@@ -1,28 +1,52 @@
-"""Pruning criteria, selectable by name in params.yaml (`grid.criteria`)."""
+"""Pruning criteria, selectable by name in params.yaml (`grid.criteria`), tuned under `score:`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pruneflow.errors import ConfigError
-from pruneflow.importance.activation import WandaSP
+from pruneflow.importance.activation import Flap, WandaSP
 from pruneflow.importance.base import GroupScores, Importance, ScoringInputs
 from pruneflow.importance.magnitude import L1Magnitude, L2Magnitude
+from pruneflow.importance.mutual_information import MutualInformation
 from pruneflow.importance.random_baseline import RandomImportance
-from pruneflow.importance.taylor import TaylorElement1
+from pruneflow.importance.taylor import TaylorElement1, TaylorElement2, TaylorVector
 
 CRITERIA: dict[str, type] = {
-    cls.name: cls for cls in (RandomImportance, L1Magnitude, L2Magnitude, TaylorElement1, WandaSP)
+    cls.name: cls
+    for cls in (
+        RandomImportance, L1Magnitude, L2Magnitude, TaylorVector, TaylorElement1, TaylorElement2,
+        WandaSP, Flap, MutualInformation,
+    )
 }
+# criteria whose group scores come from summing parameter scores: `score.aggregation` applies
+AGGREGATED = ("l1_magnitude", "l2_magnitude", "taylor_vector", "taylor_element1", "taylor_element2", "wanda_sp")
 
 
-def get_criterion(name: str) -> Importance:
-    """Instantiate a criterion by name, or fail naming the allowed ones."""
+def criterion_settings(name: str, settings: Any | None) -> dict[str, Any]:
+    """The constructor arguments of criterion `name` from the `score:` params (None: defaults)."""
+    if settings is None:
+        return {}
+    if name in AGGREGATED:
+        return {"aggregation": settings.aggregation}
+    if name == MutualInformation.name:
+        return {
+            "alpha": settings.mi_alpha, "bandwidth": settings.mi_bandwidth,
+            "bandwidth_scale": settings.mi_bandwidth_scale, "max_tokens": settings.mi_tokens,
+            "threshold": settings.mi_threshold, "pairs_per_neuron": settings.mi_pairs_per_neuron,
+        }
+    return {}
+
+
+def get_criterion(name: str, settings: Any | None = None) -> Importance:
+    """Instantiate a criterion by name (with the `score:` params), or fail naming the allowed ones."""
     if name not in CRITERIA:
         import difflib
 
         close = difflib.get_close_matches(name, list(CRITERIA), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"criterion={name!r} is not allowed; allowed: {', '.join(CRITERIA)}{hint}")
-    return CRITERIA[name]()
+    return CRITERIA[name](**criterion_settings(name, settings))
 
 
 __all__ = ["CRITERIA", "GroupScores", "Importance", "ScoringInputs", "get_criterion"]

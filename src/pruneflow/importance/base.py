@@ -32,17 +32,25 @@ class ScoringInputs:
 
 @dataclass
 class GroupScores:
-    """Per-layer scores: attention[i] has one entry per KV group, ffn[i] one per FFN channel."""
+    """Per-layer scores: attention[i] has one entry per KV group, ffn[i] one per FFN channel.
+
+    `attention_heads[i]` (optional) has one entry per query head: what pruning query heads inside
+    their KV groups (`prune.attention_unit: query_head`) ranks. Criteria that cannot score single
+    heads leave it None and that mode then fails naming the criterion.
+    """
 
     attention: list[torch.Tensor]
     ffn: list[torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    attention_heads: list[torch.Tensor] | None = None
 
     def save(self, path: str | Path) -> None:
         tensors = {}
         for i, (att, ffn) in enumerate(zip(self.attention, self.ffn, strict=True)):
             tensors[f"layers.{i}.attention"] = att.detach().double().cpu().contiguous()
             tensors[f"layers.{i}.ffn"] = ffn.detach().double().cpu().contiguous()
+        for i, heads in enumerate(self.attention_heads or []):
+            tensors[f"layers.{i}.attention_heads"] = heads.detach().double().cpu().contiguous()
         meta = {k: str(v) for k, v in self.metadata.items()}
         meta["num_layers"] = str(len(self.attention))
         with atomic_path(path) as tmp:
@@ -67,7 +75,10 @@ class GroupScores:
             ffn = [tensors[f"layers.{i}.ffn"] for i in range(num_layers)]
         except KeyError as exc:
             raise DataError(f"scores file {str(path)!r} lacks tensor {exc}; it was not written by pruneflow") from None
-        return cls(attention=attention, ffn=ffn, metadata=metadata)
+        heads = None
+        if num_layers and "layers.0.attention_heads" in tensors:
+            heads = [tensors[f"layers.{i}.attention_heads"] for i in range(num_layers)]
+        return cls(attention=attention, ffn=ffn, metadata=metadata, attention_heads=heads)
 
 
 class Importance(Protocol):

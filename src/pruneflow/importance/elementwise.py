@@ -1,4 +1,4 @@
-"""Shared machinery for criteria that score every parameter and sum the scores over a group."""
+"""Shared machinery for criteria that score every parameter and reduce the scores onto groups."""
 
 from __future__ import annotations
 
@@ -8,28 +8,47 @@ import torch
 from torch import nn
 
 from pruneflow.architectures import decoder_layers, head_dim, layer_shape
-from pruneflow.groups import aggregate, attention_group_vectors, ffn_group_vectors
+from pruneflow.groups import aggregate, attention_group_vectors, attention_head_vectors, ffn_group_vectors
 from pruneflow.importance.base import GroupScores
 
 # element_score(layer_index, matrix_name, module, "weight" | "bias") -> tensor like that parameter
 ElementScore = Callable[[int, str, nn.Linear, str], torch.Tensor | None]
 
 
-def score_elementwise(model: nn.Module, element_score: ElementScore, aggregation: str = "sum") -> GroupScores:
-    """Group scores of every layer from per-parameter scores."""
+def score_elementwise(model: nn.Module, element_score: ElementScore, aggregation: str = "sum",
+                      absolute_per_matrix: bool = False) -> GroupScores:
+    """Group scores of every layer (KV groups, query heads, FFN channels) from per-parameter scores.
+
+    Per-parameter scores are summed over each matrix's slice of a group; `absolute_per_matrix`
+    takes |that sum| (vector-wise Taylor, whose per-parameter terms are signed). Each matrix's
+    scores are computed once per layer and reused for the three structures.
+    """
+
+    def reduce(vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        if absolute_per_matrix:
+            vectors = {name: vector.abs() for name, vector in vectors.items()}
+        return aggregate(vectors, aggregation)
+
     size = head_dim(model)
-    attention, ffn = [], []
+    attention, heads, ffn = [], [], []
     for index, layer in enumerate(decoder_layers(model)):
         shape = layer_shape(layer, size)
+        cache: dict[tuple[str, str], torch.Tensor | None] = {}
 
-        def bound(name: str, module: nn.Linear, kind: str, _index: int = index) -> torch.Tensor | None:
-            scores = element_score(_index, name, module, kind)
-            return None if scores is None else scores.float()
+        def bound(name: str, module: nn.Linear, kind: str, _index: int = index, _cache=cache) -> torch.Tensor | None:
+            if (name, kind) not in _cache:
+                scores = element_score(_index, name, module, kind)
+                _cache[(name, kind)] = None if scores is None else scores.double()
+            return _cache[(name, kind)]
 
         with torch.no_grad():
-            attention.append(aggregate(attention_group_vectors(layer, shape.num_key_value_heads, bound), aggregation))
-            ffn.append(aggregate(ffn_group_vectors(layer, bound), aggregation))
-    return GroupScores(attention=[a.cpu() for a in attention], ffn=[f.cpu() for f in ffn])
+            attention.append(reduce(attention_group_vectors(layer, shape.num_key_value_heads, bound)))
+            heads.append(reduce(attention_head_vectors(layer, shape.num_attention_heads, bound)))
+            ffn.append(reduce(ffn_group_vectors(layer, bound)))
+    return GroupScores(
+        attention=[a.cpu() for a in attention], ffn=[f.cpu() for f in ffn], attention_heads=[h.cpu() for h in heads],
+        metadata={"aggregation": aggregation},
+    )
 
 
 def projection_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -6,27 +6,37 @@ from typing import ClassVar
 
 import torch
 
+from pruneflow.errors import ConfigError
+from pruneflow.groups import AGGREGATIONS
 from pruneflow.importance.base import GroupScores, ScoringInputs
 from pruneflow.importance.elementwise import score_elementwise
 
 
-class L1Magnitude:
+class _Aggregated:
+    needs_gradients: ClassVar[bool] = False
+    needs_activations: ClassVar[bool] = False
+
+    def __init__(self, aggregation: str = "sum") -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError(f"score.aggregation={aggregation!r} is not allowed; allowed: {', '.join(AGGREGATIONS)}")
+        self.aggregation = aggregation
+
+
+class L1Magnitude(_Aggregated):
     """Sum of |w| over the group's parameters."""
 
     name: ClassVar[str] = "l1_magnitude"
-    needs_gradients: ClassVar[bool] = False
-    needs_activations: ClassVar[bool] = False
 
     def score(self, model: torch.nn.Module, inputs: ScoringInputs) -> GroupScores:
-        return score_elementwise(model, lambda _i, _n, module, kind: getattr(module, kind).detach().abs())
+        return score_elementwise(model, lambda _i, _n, module, kind: getattr(module, kind).detach().abs(),
+                                 self.aggregation)
 
 
-class L2Magnitude:
+class L2Magnitude(_Aggregated):
     """Sum of w^2 over the group's parameters (LLM-Pruner's `l2`; same ranking as the L2 norm)."""
 
     name: ClassVar[str] = "l2_magnitude"
-    needs_gradients: ClassVar[bool] = False
-    needs_activations: ClassVar[bool] = False
 
     def score(self, model: torch.nn.Module, inputs: ScoringInputs) -> GroupScores:
-        return score_elementwise(model, lambda _i, _n, module, kind: getattr(module, kind).detach().float().pow(2))
+        return score_elementwise(model, lambda _i, _n, module, kind: getattr(module, kind).detach().float().pow(2),
+                                 self.aggregation)

@@ -17,8 +17,10 @@ class RandomImportance:
 
     def score(self, model: torch.nn.Module, inputs: ScoringInputs) -> GroupScores:
         generator = torch.Generator().manual_seed(inputs.seed)
-        attention, ffn = [], []
+        attention, heads, ffn = [], [], []
         for shape in layer_shapes(model):
             attention.append(torch.rand(shape.num_key_value_heads, generator=generator, dtype=torch.float64))
             ffn.append(torch.rand(shape.intermediate_size, generator=generator, dtype=torch.float64))
-        return GroupScores(attention=attention, ffn=ffn)
+        for shape in layer_shapes(model):  # after the groups: adding heads keeps older group scores
+            heads.append(torch.rand(shape.num_attention_heads, generator=generator, dtype=torch.float64))
+        return GroupScores(attention=attention, ffn=ffn, attention_heads=heads)

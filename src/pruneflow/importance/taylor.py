@@ -1,8 +1,13 @@
-"""LLM-Pruner's first-order Taylor importance: |dL/dW * W| per parameter, summed over the group.
+"""LLM-Pruner's Taylor importances from the calibration loss (next-token cross-entropy).
 
-The loss is next-token cross-entropy over the calibration samples. Micro-batches accumulate into
-the parameters' `.grad`, so memory does not grow with the number of samples and no per-sample
-gradient is kept.
+- `taylor_vector`: |sum over a matrix's group slice of dL/dW * W| (the group's weights as one vector);
+- `taylor_element1`: sum of |dL/dW_k * W_k| per parameter (Element^1);
+- `taylor_element2`: sum of |dL/dW_k * W_k - 1/2 W_k^2 H_kk| (Element^2), H_kk the diagonal of the
+  empirical Fisher, mean over calibration samples of (dL_s/dW_k)^2.
+
+Gradients accumulate over micro-batches, so memory does not grow with the number of samples. The
+Fisher needs per-sample gradients: they are taken one sample at a time and squared into one running
+buffer (memory: weights + gradient + Fisher buffer + one sample's gradient), never stored.
 """
 
 from __future__ import annotations
@@ -16,23 +21,56 @@ from pruneflow.importance.base import GroupScores, ScoringInputs
 from pruneflow.importance.elementwise import projection_parameters, score_elementwise
 
 
-def accumulate_gradients(model: nn.Module, inputs: ScoringInputs) -> None:
-    """Fill `.grad` of the projection weights with d(mean calibration loss)/dW."""
-    ids = inputs.calibration_ids
+def _check_ids(ids: torch.Tensor) -> None:
     if ids.ndim != 2 or ids.shape[0] == 0:
         raise ValueError(f"calibration ids must be a non-empty [samples, seq_len] tensor, got {tuple(ids.shape)}")
+
+
+def _prepare(model: nn.Module) -> list[nn.Parameter]:
     trainable = projection_parameters(model)
     trainable_ids = {id(p) for p in trainable}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable_ids)
         param.grad = None
-    total = ids.shape[0]
     model.eval()  # no dropout: the gradient of the deterministic loss
+    return trainable
+
+
+def accumulate_gradients(model: nn.Module, inputs: ScoringInputs) -> None:
+    """Fill `.grad` of the projection weights with d(mean calibration loss)/dW."""
+    ids = inputs.calibration_ids
+    _check_ids(ids)
+    _prepare(model)
+    total = ids.shape[0]
     with torch.enable_grad():
         for chunk in ids.split(inputs.micro_batch_size):
             chunk = chunk.to(inputs.device)
             loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
             (loss.float() * (chunk.shape[0] / total)).backward()
+
+
+def accumulate_gradients_and_fisher(model: nn.Module, inputs: ScoringInputs) -> dict[int, torch.Tensor]:
+    """`.grad` as above, plus the diagonal empirical Fisher per parameter (keyed by id(param))."""
+    ids = inputs.calibration_ids
+    _check_ids(ids)
+    trainable = _prepare(model)
+    total = ids.shape[0]
+    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in trainable}
+    gradient = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in trainable}
+    with torch.enable_grad():
+        for sample in ids.split(1):
+            sample = sample.to(inputs.device)
+            loss = model(input_ids=sample, labels=sample, use_cache=False).loss.float()
+            grads = torch.autograd.grad(loss, trainable)
+            with torch.no_grad():
+                for param, grad in zip(trainable, grads, strict=True):
+                    grad = grad.float()
+                    gradient[id(param)].add_(grad, alpha=1.0 / total)
+                    fisher[id(param)].addcmul_(grad, grad, value=1.0 / total)
+            del grads
+    for param in trainable:
+        param.grad = gradient.pop(id(param)).to(param.dtype)
+    return fisher
 
 
 def release_gradients(model: nn.Module) -> None:
@@ -41,12 +79,43 @@ def release_gradients(model: nn.Module) -> None:
         param.requires_grad_(False)
 
 
-class TaylorElement1:
+class _Taylor:
+    name: ClassVar[str]
+    needs_gradients: ClassVar[bool] = True
+    needs_activations: ClassVar[bool] = False
+
+    def __init__(self, aggregation: str = "sum") -> None:
+        from pruneflow.groups import AGGREGATIONS
+
+        if aggregation not in AGGREGATIONS:
+            from pruneflow.errors import ConfigError
+
+            raise ConfigError(f"score.aggregation={aggregation!r} is not allowed; allowed: {', '.join(AGGREGATIONS)}")
+        self.aggregation = aggregation
+
+
+class TaylorVector(_Taylor):
+    """Vector-wise first order: |dL/dW . W| of each matrix's group slice as a whole."""
+
+    name: ClassVar[str] = "taylor_vector"
+
+    def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
+        accumulate_gradients(model, inputs)
+
+        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
+            param = getattr(module, kind)
+            return param.detach().float() * param.grad.float()
+
+        try:
+            return score_elementwise(model, element, self.aggregation, absolute_per_matrix=True)
+        finally:
+            release_gradients(model)
+
+
+class TaylorElement1(_Taylor):
     """Element-wise first order (LLM-Pruner's Element^1)."""
 
     name: ClassVar[str] = "taylor_element1"
-    needs_gradients: ClassVar[bool] = True
-    needs_activations: ClassVar[bool] = False
 
     def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
         accumulate_gradients(model, inputs)
@@ -56,6 +125,26 @@ class TaylorElement1:
             return (param.detach().float() * param.grad.float()).abs()
 
         try:
-            return score_elementwise(model, element)
+            return score_elementwise(model, element, self.aggregation)
         finally:
+            release_gradients(model)
+
+
+class TaylorElement2(_Taylor):
+    """Element-wise second order (LLM-Pruner's Element^2, diagonal Fisher as the Hessian)."""
+
+    name: ClassVar[str] = "taylor_element2"
+
+    def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
+        fisher = accumulate_gradients_and_fisher(model, inputs)
+
+        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
+            param = getattr(module, kind)
+            weight = param.detach().float()
+            return (weight * param.grad.float() - 0.5 * weight.pow(2) * fisher[id(param)]).abs()
+
+        try:
+            return score_elementwise(model, element, self.aggregation)
+        finally:
+            fisher.clear()
             release_gradients(model)

@@ -18,6 +18,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = parser_for(STAGE, __doc__)
     parser.add_argument("--model", type=Path, required=True, help="dense model folder")
     parser.add_argument("--scores", type=Path, required=True)
+    parser.add_argument("--activations", type=Path, required=True,
+                        help="activation cache (read only when bias compensation is on)")
     parser.add_argument("--criterion", required=True)
     parser.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, [0, 1)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
@@ -29,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.importance import GroupScores, get_criterion
 
     get_criterion(args.criterion)
+    from pruneflow.pruning import check_bias_compensation, uses_bias_compensation
+
+    compensate = uses_bias_compensation(params.prune.bias_compensation, args.criterion)
     require_file(args.model, "model folder")
     scores = GroupScores.load(args.scores)
     if scores.metadata.get("criterion") != args.criterion:
@@ -42,11 +47,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.checkpoint import load_pruned, read_config_dict, save_pruned
     from pruneflow.modeling import load_tokenizer
     from pruneflow.provenance import read_chain, step, write_chain
-    from pruneflow.pruning import apply_pruning, plan_pruning
+    from pruneflow.pruning import add_compensation_biases, apply_pruning, compensation_biases, plan_pruning
     from pruneflow.tracking import stage_run
 
-    num_layers = int(read_config_dict(args.model)["num_hidden_layers"])
+    model_config = read_config_dict(args.model)
+    num_layers = int(model_config["num_hidden_layers"])
     layers = params.prune.layer_range(num_layers)  # a bad range fails before the model is loaded
+    activations = None
+    if compensate:
+        check_bias_compensation(model_config.get("model_type"))
+        require_file(args.activations, "activation cache")
+        from safetensors.torch import load_file
+
+        activations = load_file(str(args.activations))
     model = load_pruned(args.model)  # surgery on CPU in fp32: exact, and cheap next to scoring
     tokenizer = load_tokenizer(args.model)
     tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio}
@@ -54,22 +67,30 @@ def main(argv: Sequence[str] | None = None) -> None:
                    tags={"pruneflow.criterion": args.criterion, "pruneflow.ratio": str(ratio)},
                    run_name=f"prune {args.criterion} {ratio}") as run:
         shapes_before = layer_shapes(model)
-        plan = plan_pruning(model, scores, ratio, list(layers), params.prune.structures)
+        plan = plan_pruning(model, scores, ratio, list(layers), params.prune.structures,
+                            allocation=params.prune.allocation, attention_unit=params.prune.attention_unit)
+        deltas = compensation_biases(model, plan, activations) if compensate else None
         removed = apply_pruning(model, plan)
+        bias_params = add_compensation_biases(model, deltas) if deltas is not None else 0
         params_after = count_parameters(model)
         summary = {
             "criterion": args.criterion,
             "requested_ratio": ratio,
-            "achieved_ratio": removed / plan.params_before,
+            "achieved_ratio": (plan.params_before - params_after) / plan.params_before,
             "params_before": plan.params_before,
             "params_after": params_after,
             "params_removed": removed,
+            "params_added_by_bias_compensation": bias_params,
             "pruned_layers": list(layers),
             "structures": list(params.prune.structures),
+            "allocation": plan.allocation,
+            "attention_unit": plan.attention_unit,
+            "bias_compensation": compensate,
             "per_layer_fraction": plan.per_layer_fraction,
             "layer_shapes_before": [s.to_dict() for s in shapes_before],
             "layer_shapes_after": [s.to_dict() for s in layer_shapes(model)],
             "removed_attention_groups": {str(k): v for k, v in plan.removed_attention_groups.items()},
+            "removed_query_heads": {str(k): v for k, v in plan.removed_query_heads.items()},
             "removed_ffn_channels": {str(k): v for k, v in plan.removed_ffn_channels.items()},
             "command": command_line(),
         }

@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.importance import get_criterion
     from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
 
-    criterion = get_criterion(args.criterion)  # an unknown name fails before any loading
+    criterion = get_criterion(args.criterion, params.score)  # a bad name fails before any loading
     device = resolve_device(params.runtime.device)
     dtype = resolve_dtype(params.runtime.dtype, device)
     require_file(args.model, "model folder")
