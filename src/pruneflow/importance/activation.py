@@ -20,8 +20,7 @@ from torch import nn
 from pruneflow.architectures import decoder_layers, head_dim, layer_shape
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.importance.base import GroupScores, ScoringInputs
-from pruneflow.importance.elementwise import score_elementwise
-from pruneflow.importance.magnitude import _Aggregated
+from pruneflow.importance.elementwise import Aggregated, score_elementwise
 
 # which cached input feeds which projection
 INPUT_OF = {
@@ -72,7 +71,7 @@ def _check_width(stat: torch.Tensor, module: nn.Linear, key: str) -> None:
         )
 
 
-class WandaSP(_Aggregated):
+class WandaSP(Aggregated):
     name: ClassVar[str] = "wanda_sp"
     needs_gradients: ClassVar[bool] = False
     needs_activations: ClassVar[bool] = True

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from pruneflow.architectures import decoder_layers, head_dim, layer_shape
-from pruneflow.groups import aggregate, attention_group_vectors, attention_head_vectors, ffn_group_vectors
+from pruneflow.errors import ConfigError
+from pruneflow.groups import (
+    AGGREGATIONS,
+    aggregate,
+    attention_group_vectors,
+    attention_head_vectors,
+    ffn_group_vectors,
+)
 from pruneflow.importance.base import GroupScores
 
 # element_score(layer_index, matrix_name, module, "weight" | "bias") -> tensor like that parameter
@@ -61,3 +69,15 @@ def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
             if module.bias is not None:
                 params.append(module.bias)
     return params
+
+
+class Aggregated:
+    """Base of criteria whose group score reduces per-matrix scores (`score.aggregation`)."""
+
+    needs_gradients: ClassVar[bool] = False
+    needs_activations: ClassVar[bool] = False
+
+    def __init__(self, aggregation: str = "sum") -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError(f"score.aggregation={aggregation!r} is not allowed; allowed: {', '.join(AGGREGATIONS)}")
+        self.aggregation = aggregation

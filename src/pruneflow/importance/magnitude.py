@@ -6,23 +6,11 @@ from typing import ClassVar
 
 import torch
 
-from pruneflow.errors import ConfigError
-from pruneflow.groups import AGGREGATIONS
 from pruneflow.importance.base import GroupScores, ScoringInputs
-from pruneflow.importance.elementwise import score_elementwise
+from pruneflow.importance.elementwise import Aggregated, score_elementwise
 
 
-class _Aggregated:
-    needs_gradients: ClassVar[bool] = False
-    needs_activations: ClassVar[bool] = False
-
-    def __init__(self, aggregation: str = "sum") -> None:
-        if aggregation not in AGGREGATIONS:
-            raise ConfigError(f"score.aggregation={aggregation!r} is not allowed; allowed: {', '.join(AGGREGATIONS)}")
-        self.aggregation = aggregation
-
-
-class L1Magnitude(_Aggregated):
+class L1Magnitude(Aggregated):
     """Sum of |w| over the group's parameters."""
 
     name: ClassVar[str] = "l1_magnitude"
@@ -32,7 +20,7 @@ class L1Magnitude(_Aggregated):
                                  self.aggregation)
 
 
-class L2Magnitude(_Aggregated):
+class L2Magnitude(Aggregated):
     """Sum of w^2 over the group's parameters (LLM-Pruner's `l2`; same ranking as the L2 norm)."""
 
     name: ClassVar[str] = "l2_magnitude"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pruneflow.importance.base import GroupScores, ScoringInputs
-from pruneflow.importance.elementwise import projection_parameters, score_elementwise
+from pruneflow.importance.elementwise import Aggregated, projection_parameters, score_elementwise
 
 
 def _check_ids(ids: torch.Tensor) -> None:
@@ -79,37 +79,40 @@ def release_gradients(model: nn.Module) -> None:
         param.requires_grad_(False)
 
 
-class _Taylor:
+class _Taylor(Aggregated):
     name: ClassVar[str]
     needs_gradients: ClassVar[bool] = True
-    needs_activations: ClassVar[bool] = False
+    # per-parameter term from (weight, mean gradient, Fisher or None); `absolute` = |sum| per matrix
+    absolute_per_matrix: ClassVar[bool] = False
+    uses_fisher: ClassVar[bool] = False
 
-    def __init__(self, aggregation: str = "sum") -> None:
-        from pruneflow.groups import AGGREGATIONS
+    def element(self, weight: torch.Tensor, gradient: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
-        if aggregation not in AGGREGATIONS:
-            from pruneflow.errors import ConfigError
+    def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
+        fisher = accumulate_gradients_and_fisher(model, inputs) if self.uses_fisher else {}
+        if not self.uses_fisher:
+            accumulate_gradients(model, inputs)
 
-            raise ConfigError(f"score.aggregation={aggregation!r} is not allowed; allowed: {', '.join(AGGREGATIONS)}")
-        self.aggregation = aggregation
+        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
+            param = getattr(module, kind)
+            return self.element(param.detach().float(), param.grad.float(), fisher.get(id(param)))
+
+        try:
+            return score_elementwise(model, element, self.aggregation, absolute_per_matrix=self.absolute_per_matrix)
+        finally:
+            fisher.clear()
+            release_gradients(model)
 
 
 class TaylorVector(_Taylor):
     """Vector-wise first order: |dL/dW . W| of each matrix's group slice as a whole."""
 
     name: ClassVar[str] = "taylor_vector"
+    absolute_per_matrix: ClassVar[bool] = True
 
-    def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
-        accumulate_gradients(model, inputs)
-
-        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
-            param = getattr(module, kind)
-            return param.detach().float() * param.grad.float()
-
-        try:
-            return score_elementwise(model, element, self.aggregation, absolute_per_matrix=True)
-        finally:
-            release_gradients(model)
+    def element(self, weight, gradient, fisher):
+        return weight * gradient
 
 
 class TaylorElement1(_Taylor):
@@ -117,34 +120,15 @@ class TaylorElement1(_Taylor):
 
     name: ClassVar[str] = "taylor_element1"
 
-    def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
-        accumulate_gradients(model, inputs)
-
-        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
-            param = getattr(module, kind)
-            return (param.detach().float() * param.grad.float()).abs()
-
-        try:
-            return score_elementwise(model, element, self.aggregation)
-        finally:
-            release_gradients(model)
+    def element(self, weight, gradient, fisher):
+        return (weight * gradient).abs()
 
 
 class TaylorElement2(_Taylor):
     """Element-wise second order (LLM-Pruner's Element^2, diagonal Fisher as the Hessian)."""
 
     name: ClassVar[str] = "taylor_element2"
+    uses_fisher: ClassVar[bool] = True
 
-    def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
-        fisher = accumulate_gradients_and_fisher(model, inputs)
-
-        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
-            param = getattr(module, kind)
-            weight = param.detach().float()
-            return (weight * param.grad.float() - 0.5 * weight.pow(2) * fisher[id(param)]).abs()
-
-        try:
-            return score_elementwise(model, element, self.aggregation)
-        finally:
-            fisher.clear()
-            release_gradients(model)
+    def element(self, weight, gradient, fisher):
+        return (weight * gradient - 0.5 * weight.pow(2) * fisher).abs()
