@@ -37,6 +37,8 @@ from pruneflow.atomic import write_json, write_text
 from pruneflow.config import load_params
 
 HERE = Path(__file__).resolve().parent
+# a reference row counts only when it lands within this fraction of our parameter count
+TARGET_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -187,8 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-pruning-time-limit", type=int, default=600)
     parser.add_argument("--work-dir", type=Path, default=Path("data/benchmarks/criteria"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/criteria_comparison"))
+    parser.add_argument("--rerender", action="store_true",
+                        help="rebuild findings, markdown and plot from OUT.json (no model work)")
     args = parser.parse_args(argv)
     command = " ".join(["python", "benchmarks/criteria_comparison.py", *map(shlex.quote, argv or sys.argv[1:])])
+    if args.rerender:
+        import json
+
+        payload = json.loads(args.out.with_suffix(".json").read_text())
+        for row in payload["rows"]:
+            validate_reference_row(row)
+        payload["findings"] = findings(payload["rows"], payload["ratios"])
+        write_json(args.out.with_suffix(".json"), payload)
+        write_text(args.out.with_suffix(".md"), render_markdown(payload))
+        plot(payload, args.out.with_suffix(".png"))
+        return 0
 
     from safetensors.torch import load_file
 
@@ -292,6 +307,11 @@ def run_torch_pruning(args, target_params, layers, num_layers, params_dense, tok
             print(f"torch-pruning {setting} {ratio}: {row['status'][:200]}", flush=True)
             if status == "timeout":
                 stuck = f"timeout after {args.torch_pruning_time_limit} s in stage {result.get('stage')!r}"
+            gap = abs(result.get("params_after", 0) - target_params[ratio]) / target_params[ratio]
+            if status == "ok" and gap > TARGET_TOLERANCE:
+                row["status"] = (f"target missed: {result.get('params_after'):,} params for a target of "
+                                 f"{target_params[ratio]:,} (MLP channels alone cannot remove this much)")
+                status = "target missed"
             if status == "ok":
                 model = load_pruned(out_dir / setting / "model", dtype=dtype, device=device)
                 row.update(params=result["params_after"], achieved_ratio=1 - result["params_after"] / params_dense)
@@ -300,6 +320,18 @@ def run_torch_pruning(args, target_params, layers, num_layers, params_dense, tok
                 shutil.rmtree(out_dir / setting / "model")  # 0.4 GB each; the result.json stays
             rows.append(row)
     return rows
+
+
+def validate_reference_row(row: dict) -> None:
+    """A reference row that missed our parameter count is not comparable: keep it, mark it, drop its
+    quality numbers (rows written before this check existed get it here, with --rerender)."""
+    result = row.get("torch_pruning") or {}
+    target, achieved = result.get("target_params"), result.get("params_after")
+    if row.get("status") == "ok" and target and achieved and abs(achieved - target) / target > TARGET_TOLERANCE:
+        row["status"] = (f"target missed: {achieved:,} params for a target of {target:,} "
+                         "(MLP channels alone cannot remove this much); its quality numbers are dropped")
+        for key in ("perplexity", "zeroshot", "zeroshot_average", "params", "achieved_ratio"):
+            row.pop(key, None)
 
 
 def _ppl(row: dict, name: str) -> float | None:
