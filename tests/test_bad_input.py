@@ -124,6 +124,14 @@ def test_missing_evaluation_file(workdir, capsys):
     assert _untouched(out)
 
 
+def test_perplexity_window_longer_than_the_model_context(workdir, capsys):
+    set_param(workdir, "laptop.evaluate.ppl_seq_lens", [32, 4096])  # the tiny model has 512 positions
+    out = _sentinel(workdir / "reports/metrics/dense.json")
+    err = _run_stage("evaluate", ["--model", "models/tiny-llama", "--model-id", "dense", "--out", str(out)], capsys)
+    assert "evaluate.ppl_seq_lens[1]=4096" in err and "max_position_embeddings=512" in err
+    assert _untouched(out)
+
+
 def test_empty_zeroshot_file(workdir, capsys):
     (workdir / "data/raw/zeroshot/piqa.jsonl").write_text("")
     out = _sentinel(workdir / "reports/metrics/dense.json")

@@ -70,6 +70,11 @@ def test_laptop_preset_applies_only_at_laptop_scale(raw):
         ("seed", "zero", r"seed='zero' is not allowed; allowed: an integer"),
         ("mlflow.enabled", "yes", r"mlflow.enabled='yes' is not allowed; allowed: true or false"),
         ("laptop.evaluate.zeroshot_limit", -3, r"laptop.evaluate.zeroshot_limit=-3"),
+        ("evaluate.ppl_seq_lens", [], r"evaluate.ppl_seq_lens=\[\] is not allowed; allowed: a non-empty list"),
+        ("evaluate.ppl_seq_lens", [128, 1], r"evaluate.ppl_seq_lens\[1\]=1 is not allowed; allowed: an integer >= 2"),
+        ("evaluate.ppl_seq_lens", [128, 128], r"evaluate.ppl_seq_lens=\[128, 128\] .*distinct"),
+        ("evaluate.ppl_seq_len", 128, r"unknown key 'evaluate.ppl_seq_len'.*did you mean 'ppl_seq_lens'"),
+        ("evaluate.generation_tokens", 0, r"evaluate.generation_tokens=0 is not allowed; allowed: an integer > 0"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(raw, dotted, value, pattern):

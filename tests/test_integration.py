@@ -33,6 +33,9 @@ def _check_outputs(root) -> None:
         assert f"| {model_id} |" in results, model_id
         metrics = json.loads((root / f"reports/metrics/{model_id}.json").read_text())
         assert metrics["perplexity"]["wikitext2"]["ppl"] > 1
+        assert metrics["perplexity"]["wikitext2"]["seq_len"] == 32  # the first length is the headline
+        assert metrics["perplexity_by_seq_len"]["64"]["ptb"]["ppl"] > 1
+        assert metrics["efficiency"]["generation_tokens_per_s"] > 0
         assert 0 <= metrics["zeroshot"]["arc_easy"]["acc"] <= 1
         assert metrics["provenance"][-1]["stage"] == "evaluate"
     pruned = json.loads((root / "reports/metrics/pruned/taylor_element1/0.3.json").read_text())
@@ -43,6 +46,8 @@ def _check_outputs(root) -> None:
     assert summary["achieved_ratio"] == pytest.approx(0.3, abs=0.02)
     assert [s["stage"] for s in pruned["provenance"]] == ["prepare_model", "score", "prune", "evaluate"]
     assert (root / "reports/plots/ppl_vs_ratio.png").stat().st_size > 1000
+    assert (root / "reports/plots/quality_vs_throughput.png").stat().st_size > 1000
+    assert "| 30% / 30.0% | taylor_element1 | LoRA |" in results  # the Table-1 row of the recovered model
     recovered = root / "data/recovered/taylor_element1/0.3"
     assert (recovered / "adapter/adapter_model.safetensors").is_file()
     assert json.loads((recovered / "recovery_summary.json").read_text())["optimizer_steps"] == 2

@@ -26,8 +26,9 @@ TINY_OVERRIDES = {
     "laptop": {
         "recover": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "cutoff_len": 64, "val_size": 4,
                     "warmup_steps": 1, "eval_every_steps": 1},
-        "evaluate": {"ppl_max_windows": 4, "ppl_batch_size": 4, "zeroshot_tasks": ["arc_easy", "piqa"],
-                     "zeroshot_limit": 6, "zeroshot_batch_size": 8, "latency_repeats": 1},
+        "evaluate": {"ppl_max_windows": 4, "ppl_seq_lens": [32, 64], "ppl_batch_size": 4, "zeroshot_tasks": ["arc_easy", "piqa"],
+                     "zeroshot_limit": 6, "zeroshot_batch_size": 8, "latency_repeats": 1,
+                     "throughput_batch_size": 2, "generation_tokens": 4},
     },
 }
 

@@ -257,13 +257,15 @@ class RecoverParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     ppl_datasets: tuple[str, ...] = ("wikitext2", "ptb")
-    ppl_seq_len: int = 128
+    ppl_seq_lens: tuple[int, ...] = (128, 2048)
     ppl_batch_size: int = 16
     ppl_max_windows: int | None = None
     zeroshot_tasks: tuple[str, ...] = ZEROSHOT_TASKS
     zeroshot_limit: int | None = None
     zeroshot_batch_size: int = 32
     latency_repeats: int = 5
+    throughput_batch_size: int = 16
+    generation_tokens: int = 64
 
     def validate(self, prefix: str) -> None:
         for name in self.ppl_datasets:
@@ -274,8 +276,13 @@ class EvaluateParams:
                 _fail(
                     f"{prefix}.zeroshot_tasks", name, _allowed(ZEROSHOT_TASKS) + _did_you_mean(name, ZEROSHOT_TASKS)
                 )
-        if self.ppl_seq_len < 2:
-            _fail(f"{prefix}.ppl_seq_len", self.ppl_seq_len, "an integer >= 2")
+        if not self.ppl_seq_lens:
+            _fail(f"{prefix}.ppl_seq_lens", [], "a non-empty list of window lengths (the first is the headline)")
+        for index, length in enumerate(self.ppl_seq_lens):
+            if length < 2:
+                _fail(f"{prefix}.ppl_seq_lens[{index}]", length, "an integer >= 2 (tokens per window)")
+        if len(set(self.ppl_seq_lens)) != len(self.ppl_seq_lens):
+            _fail(f"{prefix}.ppl_seq_lens", list(self.ppl_seq_lens), "a list of distinct window lengths")
         _check_positive(f"{prefix}.ppl_batch_size", self.ppl_batch_size)
         if self.ppl_max_windows is not None:
             _check_positive(f"{prefix}.ppl_max_windows", self.ppl_max_windows)
@@ -283,6 +290,8 @@ class EvaluateParams:
             _check_positive(f"{prefix}.zeroshot_limit", self.zeroshot_limit)
         _check_positive(f"{prefix}.zeroshot_batch_size", self.zeroshot_batch_size)
         _check_positive(f"{prefix}.latency_repeats", self.latency_repeats)
+        _check_positive(f"{prefix}.throughput_batch_size", self.throughput_batch_size)
+        _check_positive(f"{prefix}.generation_tokens", self.generation_tokens)
 
 
 @dataclass(frozen=True)

@@ -44,64 +44,120 @@ def load_metrics(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return [json.loads(Path(p).read_text()) for p in paths]
 
 
+def method_label(rec: dict[str, Any]) -> str:
+    """The Table-1 "method" cell: the criterion, with the structure settings that are not the default."""
+    if rec.get("variant") == "dense":
+        return "dense"
+    pruning = rec.get("summaries", {}).get("pruning", {})
+    parts = [rec.get("criterion") or rec.get("model_id", "?")]
+    if pruning.get("allocation") not in (None, "uniform"):
+        parts.append(str(pruning["allocation"]))
+    if pruning.get("attention_unit") not in (None, "kv_group"):
+        parts.append(str(pruning["attention_unit"]))
+    if pruning.get("bias_compensation"):
+        parts.append("bias-comp")
+    return "+".join(parts)
+
+
 def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """A tidy table: one row per model."""
+    """A tidy table: one row per model.
+
+    Perplexity columns: `ppl_<dataset>` at the headline window length, `ppl_<dataset>@<len>` at the others.
+    """
     rows = []
     for rec in records:
         pruning = rec.get("summaries", {}).get("pruning", {})
         row: dict[str, Any] = {
             "model": rec["model_id"],
             "variant": rec.get("variant"),
+            "method": method_label(rec),
             "criterion": rec.get("criterion") or "-",
+            "recovered": rec.get("variant") == "recovered",
             "ratio": rec.get("ratio"),
             "achieved_ratio": pruning.get("achieved_ratio", 0.0 if rec.get("variant") == "dense" else None),
             "params_m": rec["params"] / 1e6,
         }
+        headline_len = next(iter(rec.get("perplexity", {}).values()), {}).get("seq_len")
         for name, value in rec.get("perplexity", {}).items():
             row[f"ppl_{name}"] = value["ppl"]
+        for length, by_name in rec.get("perplexity_by_seq_len", {}).items():
+            for name, value in by_name.items():
+                if value.get("seq_len") != headline_len:
+                    row[f"ppl_{name}@{length}"] = value["ppl"]
         for task, value in rec.get("zeroshot", {}).items():
             metric = rec.get("zeroshot_headline_metric", {}).get(task, "acc")
             row[f"{task}"] = value.get(metric)
         row["zeroshot_average"] = rec.get("zeroshot_average")
         eff = rec.get("efficiency", {})
-        row["latency_ms_bs1"] = eff.get("latency_ms_bs1")
-        row["throughput_tokens_per_s"] = eff.get("throughput_tokens_per_s")
+        for key in ("latency_ms_bs1", "throughput_tokens_per_s", "generation_tokens_per_s", "peak_memory_mib",
+                    "weights_mib"):
+            row[key] = eff.get(key)
         row["macs_per_token_m"] = eff["macs_per_token"] / 1e6 if eff.get("macs_per_token") else None
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
     frame["_order"] = frame["variant"].map(VARIANT_ORDER).fillna(9)
-    return frame.sort_values(["_order", "criterion", "ratio"]).drop(columns="_order").reset_index(drop=True)
+    frame = frame.sort_values(["ratio", "_order", "method"]).drop(columns="_order").reset_index(drop=True)
+    dense = frame[frame["variant"] == "dense"]
+    if not dense.empty and dense["throughput_tokens_per_s"].notna().all():
+        frame["throughput_speedup"] = frame["throughput_tokens_per_s"] / float(dense["throughput_tokens_per_s"].iloc[0])
+    return frame
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:,.{digits}f}"
     return str(value)
 
 
-def markdown_table(frame: pd.DataFrame, records: Sequence[dict[str, Any]]) -> str:
-    tasks = [t for t in TASK_LABELS if t in frame.columns]
-    ppls = [c.removeprefix("ppl_") for c in frame.columns if c.startswith("ppl_")]
-    headline = {}
+def _ppl_label(column: str) -> str:
+    name, _, length = column.removeprefix("ppl_").partition("@")
+    return PPL_LABELS.get(name, name) + (f" @{length}" if length else "")
+
+
+def _headline_metrics(records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    headline: dict[str, str] = {}
     for rec in records:
         headline.update(rec.get("zeroshot_headline_metric", {}))
-    header = ["model", "ratio (req / got)", "params (M)"]
-    header += [f"{PPL_LABELS.get(p, p)} ppl" for p in ppls]
+    return headline
+
+
+def markdown_table(frame: pd.DataFrame, records: Sequence[dict[str, Any]]) -> str:
+    """Quality in the shape of LLM-Pruner's Table 1: ratio, method, recovered, perplexities, each task, average."""
+    tasks = [t for t in TASK_LABELS if t in frame.columns]
+    ppls = [c for c in frame.columns if c.startswith("ppl_")]
+    headline = _headline_metrics(records)
+    header = ["ratio (req / got)", "method", "recovered", "params (M)"]
+    header += [f"{_ppl_label(p)} ↓" for p in ppls]
     header += [f"{TASK_LABELS[t]} ({headline.get(t, 'acc')})" for t in tasks]
-    header += ["avg", "latency bs1 (ms)", "tokens/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    header += ["average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---", "---"] + ["---:"] * (len(header) - 3)) + "|"]
     for _, row in frame.iterrows():
-        ratio = "0 / 0" if row["variant"] == "dense" else f"{_fmt(row['ratio'])} / {_fmt(row['achieved_ratio'], 3)}"
-        cells = [row["model"], ratio, _fmt(row["params_m"], 1)]
-        cells += [_fmt(row.get(f"ppl_{p}")) for p in ppls]
-        cells += [_fmt(100 * row[t] if row.get(t) is not None else None, 1) for t in tasks]
+        ratio = "0%" if row["variant"] == "dense" else f"{100 * row['ratio']:.0f}% / {_fmt(100 * row['achieved_ratio'] if row['achieved_ratio'] is not None else None, 1)}%"
+        recovered = "-" if row["variant"] == "dense" else ("LoRA" if row["recovered"] else "no")
+        cells = [ratio, row["method"], recovered, _fmt(row["params_m"], 1)]
+        cells += [_fmt(row.get(p)) for p in ppls]
+        cells += [_fmt(100 * row[t] if row.get(t) is not None and not pd.isna(row.get(t)) else None, 1) for t in tasks]
         avg = row.get("zeroshot_average")
-        cells += [_fmt(100 * avg if avg is not None else None, 1), _fmt(row.get("latency_ms_bs1"), 1),
-                  _fmt(row.get("throughput_tokens_per_s"), 0)]
+        cells += [_fmt(100 * avg if avg is not None and not pd.isna(avg) else None, 1)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def efficiency_table(frame: pd.DataFrame) -> str:
+    """Size and speed per model, with the forward-throughput speedup over the dense model."""
+    header = ["model", "params (M)", "MACs/token (M)", "latency bs1 (ms)", "throughput (tok/s)", "speedup",
+              "generation (tok/s)", "peak memory (MiB)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for _, row in frame.iterrows():
+        speedup = row.get("throughput_speedup")
+        cells = [row["model"], _fmt(row["params_m"], 1), _fmt(row.get("macs_per_token_m"), 1),
+                 _fmt(row.get("latency_ms_bs1"), 1), _fmt(row.get("throughput_tokens_per_s"), 0),
+                 _fmt(speedup, 2) + ("x" if speedup is not None and not pd.isna(speedup) else ""),
+                 _fmt(row.get("generation_tokens_per_s"), 1), _fmt(row.get("peak_memory_mib"), 0)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -112,19 +168,39 @@ def setting_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         setting = rec.get("setting", {})
         ev = setting.get("evaluate", {})
         lines.append(f"- scale: `{setting.get('scale')}`; device `{setting.get('device')}`, dtype `{setting.get('dtype')}`")
-        for name, value in rec.get("perplexity", {}).items():
-            lines.append(
-                f"- {PPL_LABELS.get(name, name)}: {value['split']}, windows of {value['seq_len']} tokens, "
-                f"{value['windows']} of {value['total_windows']} windows"
-                + (" (full set)" if value["windows"] == value["total_windows"] else " (fixed subset: the first windows)")
-            )
+        by_seq_len = rec.get("perplexity_by_seq_len") or {"": rec.get("perplexity", {})}
+        for by_name in by_seq_len.values():
+            for name, value in by_name.items():
+                lines.append(
+                    f"- {PPL_LABELS.get(name, name)}: {value['split']}, non-overlapping windows of {value['seq_len']} "
+                    f"tokens, {value['windows']} of {value['total_windows']} windows"
+                    + (" (full set)" if value["windows"] == value["total_windows"]
+                       else " (fixed subset: the first windows)")
+                )
         limit = ev.get("evaluate.zeroshot_limit")
         tasks = ", ".join(TASK_LABELS.get(t, t) for t in rec.get("zeroshot", {}))
         if tasks:
+            headline = rec.get("zeroshot_headline_metric", {})
+            norm = [TASK_LABELS.get(t, t) for t, m in headline.items() if m == "acc_norm"]
+            plain = [TASK_LABELS.get(t, t) for t, m in headline.items() if m == "acc"]
             lines.append(
                 f"- zero-shot (lm-eval, local task files in data/raw/zeroshot): {tasks}; "
                 + ("full sets" if limit is None else f"the first {limit} documents of each task")
-                + "; accuracies in %"
+                + "; accuracies in %. Columns show LLM-Pruner's convention: "
+                + (f"acc_norm for {', '.join(norm)}" if norm else "")
+                + ("; " if norm and plain else "")
+                + (f"acc for {', '.join(plain)}" if plain else "")
+                + " (both acc and acc_norm are in every metrics.json and in MLflow); average = mean of the columns"
+            )
+        eff = rec.get("efficiency", {})
+        if eff:
+            lines.append(
+                f"- speed: latency = one forward pass of {eff.get('seq_len')} tokens at batch 1; throughput = forward "
+                f"tokens/s at batch {eff.get('throughput_batch_size')}; generation = greedy tokens/s at batch 1 "
+                f"({eff.get('generation_tokens')} new tokens after a {eff.get('seq_len')}-token prompt, KV cache); "
+                f"peak memory: {eff.get('peak_memory_method')}. Each model is timed in its own evaluate job, and "
+                "jobs may run side by side: for a controlled dense-vs-pruned comparison use "
+                "`benchmarks/efficiency.py` (one process, same device, interleaved)"
             )
     return lines
 
@@ -138,6 +214,36 @@ def provenance_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def plot_quality_vs_throughput(frame: pd.DataFrame, out: Path) -> None:
+    """WikiText-2 perplexity and zero-shot average against forward throughput, one point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, column, label, log in ((axes[0], "ppl_wikitext2", "WikiText-2 perplexity", True),
+                                   (axes[1], "zeroshot_average", "zero-shot average accuracy", False)):
+        for _, row in frame.iterrows():
+            if column not in row or pd.isna(row.get(column)) or pd.isna(row.get("throughput_tokens_per_s")):
+                continue
+            marker = {"dense": "*", "pruned": "o", "recovered": "s"}.get(row["variant"], "x")
+            ax.scatter(row["throughput_tokens_per_s"], row[column], marker=marker, s=60 if marker == "*" else 30)
+            ax.annotate(row["model"].removeprefix("pruned/").removeprefix("recovered/"),
+                        (row["throughput_tokens_per_s"], row[column]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("forward throughput (tokens/s, batch 16)")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("* dense   o pruned   s recovered", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def plot_vs_ratio(frame: pd.DataFrame, column: str, ylabel: str, out: Path, log: bool = False) -> None:
     import matplotlib
 
@@ -146,14 +252,14 @@ def plot_vs_ratio(frame: pd.DataFrame, column: str, ylabel: str, out: Path, log:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = frame[frame["variant"] == "dense"]
-    for (variant, criterion), group in frame[frame["variant"].isin(["pruned", "recovered"])].groupby(
-        ["variant", "criterion"]
+    for (variant, method), group in frame[frame["variant"].isin(["pruned", "recovered"])].groupby(
+        ["variant", "method"]
     ):
-        group = pd.concat([dense.assign(variant=variant, criterion=criterion), group]).sort_values("ratio")
+        group = pd.concat([dense.assign(variant=variant, method=method), group]).sort_values("ratio")
         if column not in group or group[column].isna().all():
             continue
         style = "-o" if variant == "pruned" else "--s"
-        ax.plot(group["ratio"], group[column], style, label=f"{criterion} ({variant})")
+        ax.plot(group["ratio"], group[column], style, label=f"{method} ({variant})")
     if not dense.empty and column in dense and not dense[column].isna().all():
         ax.axhline(float(dense[column].iloc[0]), color="gray", lw=0.8, ls=":", label="dense")
     ax.set_xlabel("fraction of parameters removed")

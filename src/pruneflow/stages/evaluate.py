@@ -40,6 +40,25 @@ def _model_summaries(model_dir: Path) -> dict[str, Any]:
     return found
 
 
+def check_seq_lens(model_dir: Path, seq_lens: Sequence[int]) -> None:
+    """Every perplexity window must fit the model's context; checked from config.json, before any weights load."""
+    import json
+
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return  # load_pruned names the missing file
+    config = json.loads(config_file.read_text())
+    limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    for index, length in enumerate(seq_lens):
+        if limit is not None and length > limit:
+            from pruneflow.errors import ConfigError
+
+            raise ConfigError(
+                f"evaluate.ppl_seq_lens[{index}]={length} is not allowed for {str(model_dir)!r}; allowed: window "
+                f"lengths from 2 to the model's max_position_embeddings={limit}"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = parser_for(STAGE, __doc__)
     parser.add_argument("--model", type=Path, required=True, help="model folder to evaluate")
@@ -62,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.zeroshot import check_task_files
 
     check_task_files(cfg.zeroshot_tasks, args.data_dir)
+    check_seq_lens(args.model, cfg.ppl_seq_lens)
     offline_by_default()
 
     from pruneflow.architectures import count_parameters
@@ -83,22 +103,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         started = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
         model = load_pruned(args.model, dtype=dtype, device=device)
-        ppl = {}
+        timing = {"load_s": time.perf_counter() - started}
+        mark = time.perf_counter()
+        ppl_by_seq_len: dict[str, dict[str, Any]] = {}
         for name in cfg.ppl_datasets:
             ids = tokenize_text(evaluation_text(name, args.data_dir), tokenizer)
-            result = perplexity(model, ids, seq_len=cfg.ppl_seq_len, batch_size=cfg.ppl_batch_size,
-                                max_windows=cfg.ppl_max_windows, device=device)
-            ppl[name] = {**result.to_dict(), "split": PPL_SOURCES[name][1]}
+            for seq_len in cfg.ppl_seq_lens:
+                # the same token budget at every length: max_windows counts windows of the headline length
+                windows = (None if cfg.ppl_max_windows is None
+                           else max(1, cfg.ppl_max_windows * cfg.ppl_seq_lens[0] // seq_len))
+                batch = max(1, cfg.ppl_batch_size * cfg.ppl_seq_lens[0] // seq_len)
+                result = perplexity(model, ids, seq_len=seq_len, batch_size=batch, max_windows=windows, device=device)
+                ppl_by_seq_len.setdefault(str(seq_len), {})[name] = {**result.to_dict(),
+                                                                     "split": PPL_SOURCES[name][1]}
+        ppl = ppl_by_seq_len[str(cfg.ppl_seq_lens[0])]
+        timing["perplexity_s"], mark = time.perf_counter() - mark, time.perf_counter()
         zeroshot = {}
         if cfg.zeroshot_tasks:
             zeroshot = evaluate_zeroshot(model, tokenizer, cfg.zeroshot_tasks, args.data_dir,
                                          limit=cfg.zeroshot_limit, batch_size=cfg.zeroshot_batch_size, device=device)
-        efficiency = measure_efficiency(model, device=device, repeats=cfg.latency_repeats, seq_len=cfg.ppl_seq_len)
+        timing["zeroshot_s"], mark = time.perf_counter() - mark, time.perf_counter()
+        efficiency = measure_efficiency(model, device=device, repeats=cfg.latency_repeats,
+                                        seq_len=cfg.ppl_seq_lens[0], throughput_batch_size=cfg.throughput_batch_size,
+                                        generation_tokens=cfg.generation_tokens)
+        timing["efficiency_s"] = time.perf_counter() - mark
         metrics = {
             "model_id": args.model_id,
             **identity,
             "params": count_parameters(model),
             "perplexity": ppl,
+            "perplexity_by_seq_len": ppl_by_seq_len,
             "zeroshot": zeroshot,
             "zeroshot_average": zeroshot_average(zeroshot) if zeroshot else None,
             "zeroshot_headline_metric": {task: HEADLINE_METRIC[task] for task in zeroshot},
@@ -107,11 +141,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "setting": {"scale": params.scale, "evaluate": stage_params(params, "evaluate"),
                         "device": str(device), "dtype": str(dtype).removeprefix("torch.")},
             "seconds": time.perf_counter() - started,
+            "timing": timing,
             "command": command_line(),
             "provenance": [*read_chain(args.model), step(STAGE, command_line(), tracked)],
         }
         write_json(args.out, metrics)
         run.log_metrics({"params": metrics["params"], "perplexity": {k: v["ppl"] for k, v in ppl.items()},
+                         "perplexity_at": {length: {k: v["ppl"] for k, v in by_name.items()}
+                                           for length, by_name in ppl_by_seq_len.items()},
                          "zeroshot": zeroshot, "zeroshot_average": metrics["zeroshot_average"],
                          "efficiency": efficiency, "seconds": metrics["seconds"]})
         run.log_artifact(args.out)

@@ -1,0 +1,64 @@
+"""The benchmark scripts' own logic on tiny inputs (their real runs write reports/benchmarks/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from pruneflow.errors import ConfigError
+
+from .conftest import PROJECT_ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", PROJECT_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_module_breakdown_adds_up(llama):
+    efficiency = _load("efficiency")
+    parts = efficiency.module_breakdown(llama, batch_size=2, seq_len=8, device=torch.device("cpu"), repeats=2)
+    assert set(parts) == {"attention", "mlp", "lm_head", "other", "total"}
+    assert all(parts[k] > 0 for k in ("attention", "mlp", "lm_head", "total"))
+    assert parts["attention"] + parts["mlp"] + parts["lm_head"] <= parts["total"] + 1e-6
+    widths = efficiency.width_report(llama)
+    assert widths["intermediate_sizes"] == [llama.config.intermediate_size]
+
+
+def test_table1_params_use_the_pipeline_validation():
+    table1 = _load("table1")
+    base = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params = table1.build_params(base, ["flap", "random"], 0.2, ["flap"], ["laptop.evaluate.zeroshot_limit=7",
+                                                                         "evaluate.ppl_seq_lens=[128, 512]"])
+    assert params["grid"] == {"criteria": ["flap", "random"], "ratios": [0.2], "recovered_criteria": ["flap"]}
+    assert params["laptop"]["evaluate"]["zeroshot_limit"] == 7
+    assert params["evaluate"]["ppl_seq_lens"] == [128, 512]
+    assert base["grid"]["criteria"] != ["flap", "random"]  # the project's own params are not touched
+    with pytest.raises(ConfigError, match="did you mean 'zeroshot_limit'"):
+        table1.build_params(base, ["flap"], 0.2, [], ["laptop.evaluate.zeroshot_limt=7"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        table1.build_params(base, ["flap"], 0.2, [], ["laptop.evaluate.zeroshot_limit"])
+
+
+def test_table1_extrapolates_evaluation_cost_from_measured_rates():
+    table1 = _load("table1")
+    ppl = {"ppl": 10.0, "seq_len": 128, "windows": 10, "total_windows": 100, "split": "test"}
+    metrics = {
+        "seconds": 30.0,
+        "timing": {"load_s": 1.0, "perplexity_s": 10.0, "zeroshot_s": 14.0, "efficiency_s": 5.0},
+        "perplexity_by_seq_len": {"128": {"wikitext2": ppl}},
+        "zeroshot": {"arc_easy": {"n": 7}, "piqa": {"n": 7}},
+    }
+    cost = table1.evaluation_cost(metrics)
+    full_docs = sum(table1._task_documents(t) for t in table1.ZEROSHOT_TASKS)
+    assert cost["zeroshot_documents_full_all_tasks"] == full_docs == 15576
+    assert cost["estimated_full_s"] == pytest.approx(1.0 + 10.0 * 10 + 1.0 * full_docs + 5.0)
+    json.dumps(cost)  # what cost.json stores
