@@ -194,11 +194,14 @@ def setting_lines(records: Sequence[dict[str, Any]]) -> list[str]:
             )
         eff = rec.get("efficiency", {})
         if eff:
+            generation = ("" if eff.get("generation_tokens") is None else
+                          f"; generation = greedy tokens/s at batch 1 ({eff['generation_tokens']} new tokens after a "
+                          f"{eff.get('seq_len')}-token prompt, KV cache)")
+            memory = "" if eff.get("peak_memory_method") is None else f"; peak memory: {eff['peak_memory_method']}"
             lines.append(
                 f"- speed: latency = one forward pass of {eff.get('seq_len')} tokens at batch 1; throughput = forward "
-                f"tokens/s at batch {eff.get('throughput_batch_size')}; generation = greedy tokens/s at batch 1 "
-                f"({eff.get('generation_tokens')} new tokens after a {eff.get('seq_len')}-token prompt, KV cache); "
-                f"peak memory: {eff.get('peak_memory_method')}. Each model is timed in its own evaluate job, and "
+                f"tokens/s at batch {eff.get('throughput_batch_size')}{generation}{memory}. "
+                "Each model is timed in its own evaluate job, and "
                 "jobs may run side by side: for a controlled dense-vs-pruned comparison use "
                 "`benchmarks/efficiency.py` (one process, same device, interleaved)"
             )
