@@ -101,10 +101,16 @@ def test_same_commands_for_the_default_grid(dvc_stages):
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), check=True,
     ).stdout
     prefix = "Shell command: "
-    snake_cmds = sorted(LOG_REDIRECT.sub("", line.strip().removeprefix(prefix)) for line in out.splitlines()
-                        if line.strip().removeprefix(prefix).startswith("python -m pruneflow.stages."))
+    slot = "python -m pruneflow.gpu_slots -- "  # Snakemake runs GPU jobs in parallel; DVC runs one at a time
+    lines = [line.strip().removeprefix(prefix) for line in out.splitlines()]
+    lines = [line for line in lines if line.startswith(("python -m pruneflow.stages.", slot))]
+    snake_cmds = sorted(LOG_REDIRECT.sub("", line.removeprefix(slot)) for line in lines)
     dvc_cmds = sorted(stage.cmd for stages in dvc_stages.values() for stage in stages)
     assert snake_cmds == dvc_cmds
+    gpu_stages = {"cache_activations", "score", "recover", "evaluate"}
+    for line in lines:
+        stage = re.search(r"pruneflow\.stages\.(\w+)", line).group(1)
+        assert line.startswith(slot) == (stage in gpu_stages), line
 
 
 def test_every_params_section_is_tracked_by_some_stage(snakemake_rules):

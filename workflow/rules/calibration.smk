@@ -36,5 +36,5 @@ rule cache_activations:
     resources:
         gpu=1,
     shell:
-        stage_command("cache_activations", "--model {input.model} --calibration {input.calibration} --out {output}")
+        gpu_stage_command("cache_activations", "--model {input.model} --calibration {input.calibration} --out {output}")
         + " > {log} 2>&1"

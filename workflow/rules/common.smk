@@ -132,6 +132,15 @@ def stage_command(stage, args):
     return f"python -m pruneflow.stages.{stage} --params {PARAMS_FILE} {args}"
 
 
+# GPU rules start through the slot allocator: each concurrent GPU job gets its own device
+# (CUDA_VISIBLE_DEVICES); it steps aside on CPU-only machines and under SLURM / Kubernetes.
+GPU_SLOT_PREFIX = "python -m pruneflow.gpu_slots -- "
+
+
+def gpu_stage_command(stage, args):
+    return GPU_SLOT_PREFIX + stage_command(stage, args)
+
+
 # One MLflow parent run per pipeline invocation: every stage job inherits this id.
 from pruneflow.tracking import INVOCATION_ENV, finish_invocation, new_invocation_id  # noqa: E402
 

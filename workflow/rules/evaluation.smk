@@ -29,7 +29,7 @@ rule evaluate_dense:
     resources:
         gpu=1,
     shell:
-        stage_command("evaluate", "--model {input.model} --model-id dense --data-dir data/raw --out {output}")
+        gpu_stage_command("evaluate", "--model {input.model} --model-id dense --data-dir data/raw --out {output}")
         + " > {log} 2>&1"
 
 
@@ -52,7 +52,7 @@ rule evaluate_pruned:
     resources:
         gpu=1,
     shell:
-        stage_command(
+        gpu_stage_command(
             "evaluate",
             "--model {input.model} --model-id pruned/{wildcards.criterion}/{wildcards.ratio} "
             "--data-dir data/raw --out {output}",
@@ -79,7 +79,7 @@ rule evaluate_recovered:
     resources:
         gpu=1,
     shell:
-        stage_command(
+        gpu_stage_command(
             "evaluate",
             "--model {input.model} --model-id recovered/{wildcards.criterion}/{wildcards.ratio} "
             "--data-dir data/raw --out {output}",

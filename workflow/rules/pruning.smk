@@ -18,7 +18,7 @@ rule score:
     resources:
         gpu=1,
     shell:
-        stage_command(
+        gpu_stage_command(
             "score",
             "--model {input.model} --calibration {input.calibration} --activations {input.activations} "
             "--criterion {wildcards.criterion} --out {output}",

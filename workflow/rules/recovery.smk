@@ -17,4 +17,4 @@ rule recover:
     resources:
         gpu=1,
     shell:
-        stage_command("recover", "--model {input.model} --out {output}") + " > {log} 2>&1"
+        gpu_stage_command("recover", "--model {input.model} --out {output}") + " > {log} 2>&1"
