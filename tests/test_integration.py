@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -164,3 +165,14 @@ def test_query_head_pruning_through_dvc(tmp_path):
     summary = json.loads((root / "data/pruned/taylor_element1/0.3/pruning_summary.json").read_text())
     assert summary["attention_unit"] == "query_head"
     assert all(shape["num_key_value_heads"] == 2 for shape in summary["layer_shapes_after"])
+
+    # the default local remote round-trips the artifacts: push, lose outputs and cache, pull
+    run(["dvc", "push"], root)
+    assert (root / ".dvc-remote/files/md5").is_dir()
+    outputs = ["data/pruned", "data/scores", "data/models/dense"]
+    before = {p: p.read_bytes() for out in outputs for p in (root / out).rglob("*") if p.is_file()}
+    for out in [*outputs, ".dvc/cache"]:
+        shutil.rmtree(root / out)
+    run(["dvc", "pull", "prune", "--with-deps"], root)
+    assert {p: p.read_bytes() for out in outputs for p in (root / out).rglob("*") if p.is_file()} == before
+    assert "up to date" in run(["dvc", "status", "prune", "--with-deps"], root).stdout

@@ -150,7 +150,6 @@ def dvc_ran_stages(root: Path) -> list[str]:
 def init_git_and_dvc(root: Path) -> None:
     run(["git", "init", "-q"], root)
     run(["dvc", "init", "-q"], root)
-    for key, value in (("cache.type", "reflink,hardlink,copy"), ("core.analytics", "false"), ("core.autostage", "true")):
-        run(["dvc", "config", key, value], root)
+    shutil.copy2(PROJECT_ROOT / ".dvc/config", root / ".dvc/config")  # the project's settings and default remote
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "tiny project"], root)
