@@ -28,7 +28,7 @@ import torch
 from pruneflow.architectures import count_parameters, decoder_layers, layer_shapes
 from pruneflow.atomic import write_json, write_text
 from pruneflow.checkpoint import load_pruned
-from pruneflow.efficiency import macs_per_token, measure_efficiency
+from pruneflow.efficiency import macs_per_token, measure_efficiency, random_token_ids, synchronize
 from pruneflow.runtime import resolve_device, resolve_dtype
 
 TARGET_SPEEDUP = 1.15  # issue 5: at 20% removed, batch-16 throughput vs dense (H100)
@@ -38,17 +38,16 @@ MEDIAN_KEYS = ("latency_ms_bs1", "throughput_tokens_per_s", "generation_tokens_p
 def module_breakdown(model: torch.nn.Module, *, batch_size: int, seq_len: int, device: torch.device,
                      repeats: int) -> dict[str, float]:
     """Median milliseconds per forward pass spent in attention, MLP, the LM head and everything else."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     spent: dict[str, float] = defaultdict(float)
     starts: dict[int, float] = {}
 
     def hooks_for(module: torch.nn.Module, name: str) -> list:
         def pre(mod, *_):
-            sync()
+            synchronize(device)
             starts[id(mod)] = time.perf_counter()
 
         def post(mod, *_):
-            sync()
+            synchronize(device)
             spent[name] += time.perf_counter() - starts.pop(id(mod))
 
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
@@ -58,18 +57,17 @@ def module_breakdown(model: torch.nn.Module, *, batch_size: int, seq_len: int, d
         handles += hooks_for(layer.self_attn, "attention")
         handles += hooks_for(layer.mlp, "mlp")
     handles += hooks_for(model.get_output_embeddings(), "lm_head")
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    ids = random_token_ids(batch_size, seq_len, model.config.vocab_size, device)
     per_run: list[dict[str, float]] = []
     try:
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False)  # warm-up
             for _ in range(repeats):
                 spent.clear()
-                sync()
+                synchronize(device)
                 start = time.perf_counter()
                 model(input_ids=ids, use_cache=False)
-                sync()
+                synchronize(device)
                 total = time.perf_counter() - start
                 run = {k: 1000 * v for k, v in spent.items()}
                 run["other"] = 1000 * total - sum(run.values())

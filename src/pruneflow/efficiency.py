@@ -9,6 +9,7 @@ memory during the throughput forward pass, sampled every millisecond (an estimat
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -43,24 +44,27 @@ def weights_mib(model: nn.Module) -> float:
     return total / 2**20
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _median_seconds(run: Callable[[], object], *, repeats: int, device: torch.device) -> float:
     run()  # warm-up: kernels, allocator, caches
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def _random_ids(batch_size: int, seq_len: int, vocab_size: int, device: torch.device, seed: int) -> torch.Tensor:
+def random_token_ids(batch_size: int, seq_len: int, vocab_size: int, device: torch.device, seed: int = 0
+                     ) -> torch.Tensor:
+    """Seeded random token ids: every model timed on the same input."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
 
@@ -69,7 +73,7 @@ def _random_ids(batch_size: int, seq_len: int, vocab_size: int, device: torch.de
 def time_forward(model: nn.Module, *, batch_size: int, seq_len: int, repeats: int, device: torch.device,
                  vocab_size: int, seed: int = 0) -> float:
     """Median seconds of one forward pass (no KV cache) on random token ids."""
-    ids = _random_ids(batch_size, seq_len, vocab_size, device, seed)
+    ids = random_token_ids(batch_size, seq_len, vocab_size, device, seed)
     return _median_seconds(lambda: model(input_ids=ids, use_cache=False), repeats=repeats, device=device)
 
 
@@ -77,7 +81,7 @@ def time_forward(model: nn.Module, *, batch_size: int, seq_len: int, repeats: in
 def time_generation(model: nn.Module, *, prompt_len: int, new_tokens: int, repeats: int, device: torch.device,
                     vocab_size: int, seed: int = 0) -> float:
     """Median seconds to greedily generate exactly `new_tokens` after a random prompt, batch 1, KV cache on."""
-    ids = _random_ids(1, prompt_len, vocab_size, device, seed)
+    ids = random_token_ids(1, prompt_len, vocab_size, device, seed)
     mask = torch.ones_like(ids)
     pad = getattr(model.config, "pad_token_id", None)
     pad = pad if pad is not None else getattr(model.config, "eos_token_id", None)
@@ -134,11 +138,7 @@ def measure_efficiency(model: nn.Module, *, device: torch.device, repeats: int =
         torch.cuda.reset_peak_memory_stats(device)
     latency = time_forward(model, batch_size=1, seq_len=seq_len, repeats=repeats, device=device, vocab_size=vocab)
     rss = _RssPeak() if device.type == "cpu" else None
-    if rss is not None:
-        with rss:
-            batch_time = time_forward(model, batch_size=throughput_batch_size, seq_len=seq_len, repeats=repeats,
-                                      device=device, vocab_size=vocab)
-    else:
+    with rss if rss is not None else contextlib.nullcontext():
         batch_time = time_forward(model, batch_size=throughput_batch_size, seq_len=seq_len, repeats=repeats,
                                   device=device, vocab_size=vocab)
     weights = weights_mib(model)
