@@ -113,6 +113,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _percent(fraction: Any) -> float | None:
+    """A fraction as a percentage; None and NaN stay missing."""
+    return None if fraction is None or pd.isna(fraction) else 100 * fraction
+
+
 def _ppl_label(column: str) -> str:
     name, _, length = column.removeprefix("ppl_").partition("@")
     return PPL_LABELS.get(name, name) + (f" @{length}" if length else "")
@@ -136,13 +141,13 @@ def markdown_table(frame: pd.DataFrame, records: Sequence[dict[str, Any]]) -> st
     header += ["average"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---", "---"] + ["---:"] * (len(header) - 3)) + "|"]
     for _, row in frame.iterrows():
-        ratio = "0%" if row["variant"] == "dense" else f"{100 * row['ratio']:.0f}% / {_fmt(100 * row['achieved_ratio'] if row['achieved_ratio'] is not None else None, 1)}%"
+        ratio = ("0%" if row["variant"] == "dense"
+                 else f"{_percent(row['ratio']):.0f}% / {_fmt(_percent(row['achieved_ratio']), 1)}%")
         recovered = "-" if row["variant"] == "dense" else ("LoRA" if row["recovered"] else "no")
         cells = [ratio, row["method"], recovered, _fmt(row["params_m"], 1)]
         cells += [_fmt(row.get(p)) for p in ppls]
-        cells += [_fmt(100 * row[t] if row.get(t) is not None and not pd.isna(row.get(t)) else None, 1) for t in tasks]
-        avg = row.get("zeroshot_average")
-        cells += [_fmt(100 * avg if avg is not None and not pd.isna(avg) else None, 1)]
+        cells += [_fmt(_percent(row.get(t)), 1) for t in tasks]
+        cells += [_fmt(_percent(row.get("zeroshot_average")), 1)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

@@ -90,9 +90,11 @@ class _Taylor(Aggregated):
         raise NotImplementedError
 
     def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
-        fisher = accumulate_gradients_and_fisher(model, inputs) if self.uses_fisher else {}
-        if not self.uses_fisher:
+        if self.uses_fisher:
+            fisher = accumulate_gradients_and_fisher(model, inputs)
+        else:
             accumulate_gradients(model, inputs)
+            fisher = {}
 
         def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
             param = getattr(module, kind)

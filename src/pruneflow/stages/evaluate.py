@@ -49,8 +49,10 @@ def check_seq_lens(model_dir: Path, seq_lens: Sequence[int]) -> None:
         return  # load_pruned names the missing file
     config = json.loads(config_file.read_text())
     limit = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if limit is None:
+        return
     for index, length in enumerate(seq_lens):
-        if limit is not None and length > limit:
+        if length > limit:
             from pruneflow.errors import ConfigError
 
             raise ConfigError(
