@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -93,6 +94,7 @@ def _number(value: str | None) -> float | None:
         return None
 
 
+@functools.cache
 def _task_documents(task: str) -> int:
     path = ROOT / "data/raw/zeroshot" / ZEROSHOT_FILE.get(task, f"{task}.jsonl")
     with path.open() as handle:
@@ -115,12 +117,11 @@ def evaluation_cost(metrics: dict[str, Any]) -> dict[str, Any]:
             "estimated_full_s": full}
 
 
-def recovery_cost(summary: dict[str, Any], full_params: Any) -> dict[str, Any]:
-    """Measured recovery and LLM-Pruner's 2-epoch recipe estimated from the measured seconds per example."""
-    history = [h for h in summary.get("history", []) if "loss" in h]
-    examples = summary["optimizer_steps"] * summary["batch_size"]
+def recovery_cost(summary: dict[str, Any], batch_size: int, full_params: Any) -> dict[str, Any]:
+    """Measured recovery (run at `batch_size`) and LLM-Pruner's 2-epoch recipe estimated from seconds per example."""
+    examples = summary["optimizer_steps"] * batch_size
     steps_full = max(1, math.ceil(full_params.num_epochs * summary["train_examples"] / full_params.batch_size))
-    tokens = sum(h.get("tokens", 0) for h in history)
+    tokens = sum(h.get("tokens", 0) for h in summary.get("history", []) if "loss" in h)
     return {"measured_s": summary["seconds"], "optimizer_steps": summary["optimizer_steps"],
             "examples_seen": examples or None, "tokens_seen": tokens, "train_examples": summary["train_examples"],
             "full_recipe_steps": steps_full, "full_recipe_examples": steps_full * full_params.batch_size}
@@ -172,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     recoveries = {}
     for path in sorted((args.work_dir / "data/recovered").rglob("recovery_summary.json")):
         summary = json.loads(path.read_text())
-        summary["batch_size"] = validated.recover.batch_size
-        recoveries[str(path.parent.relative_to(args.work_dir / "data/recovered"))] = recovery_cost(summary,
-                                                                                                   full.recover)
+        recoveries[str(path.parent.relative_to(args.work_dir / "data/recovered"))] = recovery_cost(
+            summary, validated.recover.batch_size, full.recover)
     payload = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": _device(),
