@@ -222,7 +222,7 @@ def provenance_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_quality_vs_throughput(frame: pd.DataFrame, out: Path) -> None:
+def plot_quality_vs_throughput(frame: pd.DataFrame, out: Path, batch_size: int | None = None) -> None:
     """WikiText-2 perplexity and zero-shot average against forward throughput, one point per model."""
     import matplotlib
 
@@ -240,7 +240,7 @@ def plot_quality_vs_throughput(frame: pd.DataFrame, out: Path) -> None:
             ax.annotate(row["model"].removeprefix("pruned/").removeprefix("recovered/"),
                         (row["throughput_tokens_per_s"], row[column]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
-        ax.set_xlabel("forward throughput (tokens/s, batch 16)")
+        ax.set_xlabel(f"forward throughput (tokens/s, batch {batch_size})")
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")

@@ -44,10 +44,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         records = load_metrics(metrics_path(args.metrics_dir, m) for m in wanted)
         frame = results_frame(records)
         with atomic_dir(args.plots_dir) as tmp:
-            plot_vs_ratio(frame, "ppl_wikitext2", "WikiText-2 perplexity (128 tokens)", tmp / "ppl_vs_ratio.png",
-                          log=True)
+            window = next(iter(records[0].get("perplexity", {}).values()), {}).get("seq_len")
+            plot_vs_ratio(frame, "ppl_wikitext2", f"WikiText-2 perplexity ({window} tokens)",
+                          tmp / "ppl_vs_ratio.png", log=True)
             plot_vs_ratio(frame, "zeroshot_average", "zero-shot average accuracy", tmp / "accuracy_vs_ratio.png")
-            plot_quality_vs_throughput(frame, tmp / "quality_vs_throughput.png")
+            plot_quality_vs_throughput(frame, tmp / "quality_vs_throughput.png",
+                                       batch_size=records[0].get("efficiency", {}).get("throughput_batch_size"))
         with atomic_path(args.csv) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
         text = [
