@@ -75,9 +75,12 @@ def _check_mlflow(root, engine: str) -> None:
 
 def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     root = make_tiny_project(tmp_path / "project")
+    init_git_and_dvc(root)  # a DVC project: the run records its outputs in dvc.lock
     run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root)
     _check_outputs(root)
     _check_mlflow(root, "snakemake")
+    assert "up to date" in run(["dvc", "status"], root).stdout, "Snakemake's outputs must be recorded in dvc.lock"
+    _check_input_hashes(root)
 
     assert snakemake_planned_jobs(root) == {}, "a second run with nothing changed must do nothing"
 
@@ -101,6 +104,34 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     assert (root / "reports/metrics/dense.json").read_bytes() == dense_metrics
     assert (root / "data/scores/taylor_element1.safetensors").stat().st_mtime_ns == scores
     assert snakemake_planned_jobs(root) == {}
+    assert "up to date" in run(["dvc", "status"], root).stdout
+
+    # outputs lost (or switched with git checkout) come back from DVC's cache, and Snakemake
+    # sees them as up to date: the checkout dates them in pipeline order
+    shutil.rmtree(root / "data/pruned/taylor_element1/0.3")
+    (root / "data/scores/l2_magnitude.safetensors").unlink()
+    run(["python", "-m", "pruneflow.versioning", "checkout"], root)
+    assert (root / "data/pruned/taylor_element1/0.3/config.json").is_file()
+    assert snakemake_planned_jobs(root) == {}
+    assert "up to date" in run(["dvc", "status"], root).stdout
+
+
+def _check_input_hashes(root) -> None:
+    """Each stage run names its inputs with the hash dvc.lock holds for them."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    recorded = {out["path"]: out["md5"] for stage in lock.values() for out in stage.get("outs", [])}
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pruneflow")
+    prune_runs = client.search_runs([experiment.experiment_id], "tags.`pruneflow.stage` = 'prune'")
+    assert prune_runs
+    for prune_run in prune_runs:
+        tags = prune_run.data.tags
+        assert tags["pruneflow.input.model.dvc_md5"] == recorded["data/models/dense"]
+        assert tags["pruneflow.input.scores.dvc_md5"] == recorded[tags["pruneflow.input.scores"]]
+        assert len(tags["pruneflow.git_commit"]) == 40
 
 
 def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
@@ -177,3 +208,36 @@ def test_query_head_pruning_through_dvc(tmp_path):
     run(["dvc", "pull", "prune", "--with-deps"], root)
     assert {p: p.read_bytes() for out in outputs for p in (root / out).rglob("*") if p.is_file()} == before
     assert "up to date" in run(["dvc", "status", "prune", "--with-deps"], root).stdout
+
+
+def test_dvc_experiments_sweep_ratios_and_criteria_and_compare_them(tmp_path):
+    root = make_tiny_project(tmp_path / "project", {"grid": {"criteria": ["l2_magnitude"], "ratios": [0.3],
+                                                              "recovered_criteria": ["l2_magnitude"]}})
+    init_git_and_dvc(root)
+    run(["dvc", "repro"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "baseline results"], root)
+
+    run(["dvc", "exp", "run", "-n", "ratio-05", "-S", "grid.ratios=[0.5]"], root)
+    run(["dvc", "exp", "run", "-n", "crit-random", "-S", "grid.ratios=[0.3]", "-S", "grid.criteria=[random]",
+         "-S", "grid.recovered_criteria=[random]"], root)
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    experiments = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for revision in exp["revs"]:
+                experiments[exp.get("name") or revision.get("name")] = revision["data"]
+    assert {"ratio-05", "crit-random"} <= set(experiments), list(experiments)
+    params = {name: data["params"]["params.yaml"]["data"]["grid"] for name, data in experiments.items()}
+    assert params["ratio-05"]["ratios"] == [0.5] and params["crit-random"]["criteria"] == ["random"]
+    metrics = experiments["ratio-05"]["metrics"]
+    assert metrics["reports/metrics/pruned/l2_magnitude/0.5.json"]["data"]["perplexity"]["wikitext2"]["ppl"] > 1
+
+    # the experiments compare against the baseline commit like any two revisions
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "ratio-05", "--json"], root).stdout)
+    assert "reports/metrics/pruned/l2_magnitude/0.5.json" in diff
+    assert "reports/metrics/dense.json" not in diff  # the dense model was not re-evaluated
+    run(["dvc", "plots", "diff", "HEAD", "ratio-05", "crit-random", "-o", "plots_diff"], root)
+    page = (root / "plots_diff/index.html").read_text()
+    assert "results.csv" in page and "ratio-05" in page and "crit-random" in page

@@ -497,3 +497,96 @@ def test_flatten_metrics() -> None:
 def _no_open_runs_leak() -> Iterator[None]:
     yield
     assert not tracking._OPEN_RUNS
+
+
+# --------------------------------------------------------------------------------------------------
+# (i) a team's tracking server (`mlflow server` on 127.0.0.1) and the inputs' DVC hashes
+# --------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free local port."""
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_stage_runs_reach_a_tracking_server_with_input_hashes(
+    tracking_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pruneflow.versioning import dvc_hash
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(INVOCATION_ENV, "inv-server")
+    settings = MlflowParams(tracking_uri=tracking_server, experiment="team-sweep")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\x00" * 1000)
+    (tmp_path / "calibration.safetensors").write_bytes(b"\x01" * 100)
+    inputs = {"model": model, "calibration": tmp_path / "calibration.safetensors", "absent": tmp_path / "nope"}
+    with stage_run("score", settings=settings, params={"criterion": "flap"}, inputs=inputs) as score:
+        score.log_metrics({"seconds": 1.5})
+        (tmp_path / "scores.json").write_text("{}")
+        score.log_artifact(tmp_path / "scores.json")
+    with stage_run("prune", settings=settings, params={"ratio": 0.2}) as prune:
+        prune.log_metrics({"achieved_ratio": 0.2})
+    finish_invocation(settings)
+
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to a local store
+    client = MlflowClient(tracking_uri=tracking_server)
+    experiment = client.get_experiment_by_name("team-sweep")
+    runs = {run.info.run_id: run for run in client.search_runs([experiment.experiment_id])}
+    assert len(runs) == 3
+    parent = next(run for run in runs.values() if run.data.tags.get("pruneflow.kind") == "pipeline")
+    assert parent.info.status == "FINISHED"
+    child = runs[score.run_id]
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id == runs[prune.run_id].data.tags[
+        "mlflow.parentRunId"]
+    assert child.data.params == {"criterion": "flap"} and child.data.metrics == {"seconds": 1.5}
+    assert child.data.tags["pruneflow.input.model"] == str(model)
+    assert child.data.tags["pruneflow.input.model.dvc_md5"] == dvc_hash(model)
+    assert child.data.tags["pruneflow.input.calibration.dvc_md5"] == dvc_hash(tmp_path / "calibration.safetensors")
+    assert child.data.tags["pruneflow.input.absent.dvc_md5"].startswith("unavailable (FileNotFoundError")
+    assert [a.path for a in client.list_artifacts(score.run_id)] == ["scores.json"]
+    # the runs of a sweep are compared by their params in the UI / search API
+    found = client.search_runs([experiment.experiment_id], filter_string="params.criterion = 'flap'")
+    assert [run.info.run_id for run in found] == [score.run_id]

@@ -66,6 +66,7 @@ TAG_STAGE = "pruneflow.stage"
 TAG_COMMAND = "pruneflow.command"
 TAG_GIT_COMMIT = "pruneflow.git_commit"
 TAG_GIT_DIRTY = "pruneflow.git_dirty"
+TAG_INPUT_PREFIX = "pruneflow.input."  # + role: the path; + role + ".dvc_md5": its DVC hash
 PARENT_TAG = "mlflow.parentRunId"
 
 _MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
@@ -519,6 +520,24 @@ def _ensure_parent(client: MlflowClient, experiment_id: str, invocation: Invocat
     return run.info.run_id
 
 
+def input_tags(inputs: Mapping[str, str | Path]) -> dict[str, str]:
+    """Tags naming each input and its DVC hash, so a run says exactly which data it read.
+
+    An input that cannot be hashed (missing, unreadable) is tagged with the reason instead.
+    """
+    from pruneflow.versioning import dvc_hash
+
+    tags: dict[str, str] = {}
+    for role, path in inputs.items():
+        key = f"{TAG_INPUT_PREFIX}{_sanitize_key(role)}"
+        tags[key] = _tag_value(str(path))
+        try:
+            tags[f"{key}.dvc_md5"] = dvc_hash(path)
+        except OSError as exc:
+            tags[f"{key}.dvc_md5"] = f"unavailable ({_reason(exc)})"
+    return tags
+
+
 def _status_for(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "KILLED"
@@ -571,7 +590,11 @@ class StageRun:
             self._fail(exc)
 
     def _start(
-        self, settings: MlflowParams, params: Mapping[str, Any] | None, tags: Mapping[str, str] | None
+        self,
+        settings: MlflowParams,
+        params: Mapping[str, Any] | None,
+        tags: Mapping[str, str] | None,
+        inputs: Mapping[str, str | Path] | None = None,
     ) -> None:
         try:
             uri = resolve_tracking_uri(settings.tracking_uri)
@@ -605,6 +628,7 @@ class StageRun:
                 run_tags["mlflow.user"] = user
             for key, value in (tags or {}).items():
                 run_tags[str(key)] = _tag_value(value)
+            run_tags.update(input_tags(inputs or {}))
             run = _with_retries(lambda: client.create_run(experiment_id, run_name=self.run_name, tags=run_tags))
         except Exception as exc:
             self._fail(exc)
@@ -693,9 +717,12 @@ def stage_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
     run_name: str | None = None,
+    inputs: Mapping[str, str | Path] | None = None,
 ) -> Iterator[StageRun]:
     """Track one stage as a run nested under its invocation's parent run (named `run_name`, e.g.
     "prune taylor_element1 0.2", default the stage name; the `pruneflow.stage` tag is the stage).
+    `inputs` (role -> path) become tags `pruneflow.input.<role>` (the path) and
+    `pruneflow.input.<role>.dvc_md5` (DVC's content hash, as in dvc.lock).
 
     The run ends FINISHED, or FAILED (KILLED on Ctrl-C) when the body raises; the body's exception
     propagates unchanged. Only MlflowClient is used, so MLflow's process-global active-run / URI
@@ -703,7 +730,7 @@ def stage_run(
     """
     run = StageRun(stage, run_name)
     if settings.enabled:
-        run._start(settings, params, tags)
+        run._start(settings, params, tags, inputs)
     try:
         yield run
     except BaseException as exc:

@@ -147,8 +147,38 @@ from pruneflow.tracking import INVOCATION_ENV, finish_invocation, new_invocation
 os.environ.setdefault(INVOCATION_ENV, new_invocation_id())
 
 
+def record_in_dvc():
+    """Commit what this run built (or found up to date) to dvc.lock, so `dvc status` is clean.
+
+    Only in a DVC project, never in a dry run, off with PRUNEFLOW_DVC_COMMIT=0; a failure is
+    reported and leaves the pipeline's outputs and result alone.
+    """
+    import subprocess
+    import tempfile
+
+    from pruneflow.versioning import DISABLE_ENV, is_dvc_project
+
+    if os.environ.get(DISABLE_ENV, "1").lower() in ("0", "off", "false", "no") or not is_dvc_project("."):
+        return
+    try:
+        outputs = sorted({str(path) for job in workflow.dag.jobs for path in job.output})
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="pruneflow-built-", delete=False) as listing:
+            listing.write("\n".join(outputs) + "\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "pruneflow.versioning", "commit", "--outputs-file", listing.name],
+            check=False,
+        )
+        os.unlink(listing.name)
+        if done.returncode != 0:
+            print(f"pruneflow: recording the outputs in dvc.lock failed (exit {done.returncode}); "
+                  "the outputs are complete: run `dvc commit` to record them", file=sys.stderr)
+    except Exception as exc:
+        print(f"pruneflow: recording the outputs in dvc.lock failed: {exc}", file=sys.stderr)
+
+
 onsuccess:
     finish_invocation(PARAMS.mlflow, "FINISHED")
+    record_in_dvc()
 
 
 onerror:

@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ids = load_calibration(args.calibration)
     seed_everything(params.seed)
     tracked = stage_params(params, "seed", "runtime", "activations")
-    with stage_run(STAGE, settings=params.mlflow, params=tracked) as run:
+    with stage_run(STAGE, settings=params.mlflow, params=tracked,
+                   inputs={"model": args.model, "calibration": args.calibration}) as run:
         model = load_pruned(args.model, dtype=dtype, device=device)
         stats = collect_activation_stats(
             model, ids, batch_size=params.activations.batch_size, max_tokens=params.activations.max_tokens,

@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.tracking import stage_run
 
     tracked = stage_params(params, "seed", "calibration")
-    with stage_run(STAGE, settings=params.mlflow, params=tracked) as run:
+    with stage_run(STAGE, settings=params.mlflow, params=tracked,
+                   inputs={"model": args.model, "text": cfg.source}) as run:
         calibration = sample_calibration(rows, tokenizer, cfg.num_samples, cfg.seq_len, params.seed)
         metadata = {
             "source": cfg.source,

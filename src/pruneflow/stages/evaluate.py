@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tracked = {**stage_params(params, "scale", "runtime", "evaluate"), "model_id": args.model_id}
     tags = {"pruneflow.model_id": args.model_id, "pruneflow.variant": identity["variant"]}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags=tags,
-                   run_name=f"evaluate {args.model_id}") as run:
+                   run_name=f"evaluate {args.model_id}", inputs={"model": args.model, "data": args.data_dir}) as run:
         started = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
         model = load_pruned(args.model, dtype=dtype, device=device)

@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio}
     with stage_run(STAGE, settings=params.mlflow, params=tracked,
                    tags={"pruneflow.criterion": args.criterion, "pruneflow.ratio": str(ratio)},
-                   run_name=f"prune {args.criterion} {ratio}") as run:
+                   run_name=f"prune {args.criterion} {ratio}",
+                   inputs={"model": args.model, "scores": args.scores}) as run:
         shapes_before = layer_shapes(model)
         plan = plan_pruning(model, scores, ratio, list(layers), params.prune.structures,
                             allocation=params.prune.allocation, attention_unit=params.prune.attention_unit)

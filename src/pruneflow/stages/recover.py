@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     train, validation = load_instruction_data(cfg.data, val_size=cfg.val_size, seed=params.seed,
                                               max_train_samples=cfg.max_train_samples)
 
+    import torch
+
     from pruneflow.architectures import count_parameters
     from pruneflow.atomic import atomic_dir
     from pruneflow.checkpoint import load_pruned, save_pruned
@@ -48,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        train_on_inputs=cfg.train_on_inputs)
     seed_everything(params.seed)
     tracked = {**stage_params(params, "seed", "runtime", "scale", "recover"), "model": str(args.model)}
-    with stage_run(STAGE, settings=params.mlflow, params=tracked, run_name=f"recover {args.model}") as run:
+    with stage_run(STAGE, settings=params.mlflow, params=tracked, run_name=f"recover {args.model}",
+                   inputs={"model": args.model, **{f"data{i}": p for i, p in enumerate(cfg.data)}}) as run:
         # base weights in the runtime dtype (bf16 on GPU); LoRA adapters train in fp32 under autocast
         model = load_pruned(args.model, dtype=dtype, device=device)
 
@@ -69,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "seconds": result.seconds,
                 "params": count_parameters(merged),
                 "device": str(device),
+                "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20
+                                        if device.type == "cuda" else None),
                 "dtype": str(dtype).removeprefix("torch."),
                 "command": command_line(),
                 "history": result.history,
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               best_val_loss=result.best_val_loss))
             write_chain(tmp, chain)
         run.log_metrics({k: v for k, v in summary.items()
-                         if k in ("initial_val_loss", "best_val_loss", "optimizer_steps", "seconds")})
+                         if k in ("initial_val_loss", "best_val_loss", "optimizer_steps", "seconds", "peak_gpu_memory_mib")})
         run.log_artifact(args.out / SUMMARY_FILE)
 
 

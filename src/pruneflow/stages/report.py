@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     missing = [m for m in wanted if not metrics_path(args.metrics_dir, m).is_file()]
     if missing:
         raise DataError(f"metrics missing for {', '.join(missing)} in {args.metrics_dir}; run evaluate first")
-    with stage_run(STAGE, settings=params.mlflow, params=stage_params(params, "grid")) as run:
+    with stage_run(STAGE, settings=params.mlflow, params=stage_params(params, "grid"),
+                   inputs={"metrics": args.metrics_dir}) as run:
         records = load_metrics(metrics_path(args.metrics_dir, m) for m in wanted)
         frame = results_frame(records)
         with atomic_dir(args.plots_dir) as tmp:

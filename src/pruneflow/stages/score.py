@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed_everything(params.seed)
     tracked = {**stage_params(params, "seed", "runtime", "score"), "criterion": criterion.name}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags={"pruneflow.criterion": criterion.name},
-                   run_name=f"score {criterion.name}") as run:
+                   run_name=f"score {criterion.name}",
+                   inputs={"model": args.model, "calibration": args.calibration, "activations": args.activations}) as run:
         model = load_pruned(args.model, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,165 @@
+"""Keep DVC's record and Snakemake's view of the same files in step.
+
+Snakemake decides what to rerun from file times and its own metadata; DVC from content hashes in
+dvc.lock. Two commands bridge them:
+
+- `commit`: after a Snakemake run, record in dvc.lock (and the DVC cache) every DVC stage whose
+  outputs Snakemake just built or found up to date, so `dvc status` is clean and `dvc push` works.
+  The Snakefile's `onsuccess` hook calls it when the project is a DVC repository.
+- `checkout`: `dvc checkout`, then give the outputs file times in pipeline order (upstream older),
+  because a checkout writes files in any order and Snakemake would rerun what looks out of date.
+
+`dvc_hash` computes DVC's own content hash (md5 of a file; md5 of the sorted listing + ".dir" for
+a folder), so MLflow runs can name the exact inputs they read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+DISABLE_ENV = "PRUNEFLOW_DVC_COMMIT"
+_CHUNK = 1 << 20
+# pipeline order becomes file-time order in steps of this many nanoseconds
+_MTIME_STEP_NS = 10_000_000
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dvc_hash(path: str | Path) -> str:
+    """DVC 3's md5 of a file or folder (a folder's hash ends in ".dir"), as dvc.lock records it."""
+    path = Path(path)
+    if path.is_file():
+        return _file_md5(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{str(path)!r} is neither a file nor a folder")
+    entries = [
+        {"md5": _file_md5(file), "relpath": file.relative_to(path).as_posix()}
+        for file in sorted(path.rglob("*"))
+        if file.is_file()
+    ]
+    entries.sort(key=lambda entry: entry["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
+def is_dvc_project(root: str | Path = ".") -> bool:
+    return (Path(root) / ".dvc").is_dir() and (Path(root) / "dvc.yaml").is_file()
+
+
+def _relative(path: str | Path, root: Path) -> str:
+    absolute = Path(path) if Path(path).is_absolute() else root / path
+    return os.path.relpath(os.path.normpath(absolute), root)
+
+
+def _stages_upstream_first(repo) -> list:
+    """DVC stages in pipeline order (a stage after every stage it depends on)."""
+    import networkx as nx
+
+    graph = repo.index.graph  # edges point from a stage to the stages it depends on
+    return list(reversed(list(nx.topological_sort(graph))))
+
+
+def _stage_outs(stage, root: Path) -> list[str]:
+    return [_relative(out.fs_path, root) for out in stage.outs]
+
+
+def commit_built_stages(root: str | Path, built_outputs: Iterable[str]) -> list[str]:
+    """Record in dvc.lock each DVC stage whose every output is among `built_outputs` and exists.
+
+    Only outputs of the Snakemake run's DAG count as built: an output left from an older config
+    is never recorded as if the current params made it. Returns the committed stage names.
+    """
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    built = {_relative(path, root) for path in built_outputs}
+    committed = []
+    with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC resolves targets from the cwd
+        for stage in _stages_upstream_first(repo):
+            outs = _stage_outs(stage, root)
+            if not outs or not all(out in built and (root / out).exists() for out in outs):
+                continue
+            repo.commit(stage.addressing, force=True)
+            committed.append(stage.addressing)
+    return committed
+
+
+def order_output_times(root: str | Path, now_ns: int | None = None) -> list[str]:
+    """Give existing DVC outputs file times in pipeline order (each stage newer than its inputs).
+
+    Every file inside an output folder gets its stage's time as well (Snakemake reads a folder's
+    time from its files). Returns the outputs touched.
+    """
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    stamp = now_ns if now_ns is not None else time.time_ns()
+    touched = []
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        stages = _stages_upstream_first(repo)
+    for index, stage in enumerate(stages):
+        when = stamp + index * _MTIME_STEP_NS
+        for out in _stage_outs(stage, root):
+            path = root / out
+            if not path.exists():
+                continue
+            inner = sorted(path.rglob("*"), reverse=True) if path.is_dir() else []
+            for item in [*inner, path]:  # children first, the folder itself last
+                os.utime(item, ns=(when, when), follow_symlinks=False)
+            touched.append(out)
+    return touched
+
+
+def checkout(root: str | Path, targets: Sequence[str] = ()) -> list[str]:
+    """`dvc checkout` (optionally of some targets), then pipeline-ordered output times."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(str(Path(root).resolve())) as repo:
+        if targets:
+            for target in targets:
+                repo.checkout(target, force=True)
+        else:
+            repo.checkout(force=True)
+    return order_output_times(root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pruneflow.versioning", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commit = commands.add_parser("commit", help="record Snakemake-built outputs in dvc.lock")
+    commit.add_argument("--outputs-file", type=Path, required=True,
+                        help="text file with one built output path per line")
+    restore = commands.add_parser("checkout", help="dvc checkout, then file times in pipeline order")
+    restore.add_argument("targets", nargs="*", help="DVC stages or outputs (default: all)")
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    if not is_dvc_project(root):
+        print(f"pruneflow: {root} is not a DVC project (no .dvc/ or dvc.yaml); nothing to do", file=sys.stderr)
+        return 2
+    if args.command == "commit":
+        outputs = [line.strip() for line in args.outputs_file.read_text().splitlines() if line.strip()]
+        committed = commit_built_stages(root, outputs)
+        print(f"pruneflow: recorded {len(committed)} DVC stage(s) in dvc.lock: {', '.join(committed) or 'none'}",
+              file=sys.stderr)
+    else:
+        touched = checkout(root, args.targets)
+        print(f"pruneflow: checked out; {len(touched)} output(s) dated in pipeline order", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
