@@ -29,6 +29,8 @@ DISABLE_ENV = "PRUNEFLOW_DVC_COMMIT"
 _CHUNK = 1 << 20
 # pipeline order becomes file-time order in steps of this many nanoseconds
 _MTIME_STEP_NS = 10_000_000
+# where the Snakefile's `benchmark:` files live (Snakemake counts them among a job's outputs)
+SNAKEMAKE_BENCHMARKS = "logs/benchmarks"
 
 
 def _file_md5(path: Path) -> str:
@@ -98,11 +100,13 @@ def commit_built_stages(root: str | Path, built_outputs: Iterable[str]) -> list[
     return committed
 
 
-def order_output_times(root: str | Path, now_ns: int | None = None) -> list[str]:
+def order_output_times(root: str | Path, now_ns: int | None = None,
+                       snakemake_benchmarks: str = SNAKEMAKE_BENCHMARKS) -> list[str]:
     """Give existing DVC outputs file times in pipeline order (each stage newer than its inputs).
 
     Every file inside an output folder gets its stage's time as well (Snakemake reads a folder's
-    time from its files). Returns the outputs touched.
+    time from its files). Snakemake also counts a job's benchmark file as an output, so the files
+    under `snakemake_benchmarks` are dated after every output. Returns the outputs touched.
     """
     from dvc.repo import Repo
 
@@ -121,6 +125,11 @@ def order_output_times(root: str | Path, now_ns: int | None = None) -> list[str]
             for item in [*inner, path]:  # children first, the folder itself last
                 os.utime(item, ns=(when, when), follow_symlinks=False)
             touched.append(out)
+    benchmarks = root / snakemake_benchmarks
+    if benchmarks.is_dir():
+        when = stamp + len(stages) * _MTIME_STEP_NS
+        for item in benchmarks.rglob("*"):
+            os.utime(item, ns=(when, when), follow_symlinks=False)
     return touched
 
 
