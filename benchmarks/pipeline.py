@@ -36,7 +36,7 @@ from pruneflow.config import format_ratio, params_from_mapping
 from pruneflow.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from table1 import ROOT, _device, build_params, prepare_work_dir, stage_times  # noqa: E402
+from table1 import ROOT, _device, build_params, prepare_work_dir, stage_table, stage_times  # noqa: E402
 
 REFERENCE_SETTING = "taylor_mlp_only"
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1"}
@@ -239,12 +239,8 @@ def render(p: dict[str, Any]) -> str:
         f"Whole pipeline (Snakemake, clean start, every stage incl. dense evaluation and report): "
         f"**{p['pipeline_wall_s'] / 60:.1f} min** wall.",
         "",
-        "| job | seconds | peak RSS (MiB) |",
-        "|---|---:|---:|",
+        *stage_table(p["stages"]),
     ]
-    for row in p["stages"]:
-        rss = "-" if row["max_rss_mib"] is None else f"{row['max_rss_mib']:.0f}"
-        lines.append(f"| {row['job']} | {row['seconds']:.1f} | {rss} |")
     gpu = p["gpu"]
     lines += ["", "GPU: " + ("no GPU on this machine (figures to measure on the H100)" if gpu is None else
                              f"busy {gpu['busy_fraction']:.0%} of {gpu['samples']} samples (nvidia-smi, 0.5 s), "

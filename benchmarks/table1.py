@@ -87,6 +87,15 @@ def stage_times(work_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def stage_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: one row per job with its wall seconds and peak RSS."""
+    lines = ["| job | seconds | peak RSS (MiB) |", "|---|---:|---:|"]
+    for row in rows:
+        rss = "-" if row["max_rss_mib"] is None else f"{row['max_rss_mib']:.0f}"
+        lines.append(f"| {row['job']} | {row['seconds']:.1f} | {rss} |")
+    return lines
+
+
 def _number(value: str | None) -> float | None:
     try:
         return float(value) if value not in (None, "", "NA", "-") else None
@@ -215,12 +224,8 @@ def render(payload: dict[str, Any]) -> str:
         "",
         "## Wall time per job (Snakemake benchmark files)",
         "",
-        "| job | seconds | peak RSS (MiB) |",
-        "|---|---:|---:|",
+        *stage_table(payload["stages"]),
     ]
-    for row in payload["stages"]:
-        rss = "-" if row["max_rss_mib"] is None else f"{row['max_rss_mib']:.0f}"
-        lines.append(f"| {row['job']} | {row['seconds']:.1f} | {rss} |")
     lines += [
         "",
         "## Evaluating one model",

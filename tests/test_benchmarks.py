@@ -62,3 +62,25 @@ def test_table1_extrapolates_evaluation_cost_from_measured_rates():
     assert cost["zeroshot_documents_full_all_tasks"] == full_docs == 15576
     assert cost["estimated_full_s"] == pytest.approx(1.0 + 10.0 * 10 + 1.0 * full_docs + 5.0)
     json.dumps(cost)  # what cost.json stores
+
+
+def test_pipeline_benchmark_report_compares_the_same_work():
+    pipeline = _load("pipeline")
+    stages = [{"job": "score/flap", "seconds": 10.0, "max_rss_mib": 900.0},
+              {"job": "prune/flap/0.2", "seconds": 5.0, "max_rss_mib": None},
+              {"job": "evaluate/dense", "seconds": 50.0, "max_rss_mib": 1000.0}]
+    quality = {"pruned": {"wikitext2": 100.0, "ptb": 140.0, "zeroshot_average": 0.5}}
+    payload = {
+        "command": "python benchmarks/pipeline.py", "device": "cpu", "scale": "laptop", "overrides": [],
+        "criterion": "flap", "ratio": 0.2, "pipeline_wall_s": 120.0, "stages": stages,
+        "stage_peak_gpu_memory_mib": {}, "gpu": None, "ours_same_work_s": 15.0,
+        "ours_same_work_jobs": ["prune/flap/0.2", "score/flap"], "ours_quality": quality,
+        "rerun_after_lora_param": {"planned_jobs": {"recover": 1, "report": 1}, "wall_s": 60.0},
+        "reference": {"status": "ok", "steps": {"prune (Torch-Pruning)": 30.0, "evaluate pruned": 30.0},
+                      "quality": {"pruned": {"wikitext2": 130.0, "ptb": 160.0, "zeroshot_average": None}}},
+    }
+    text = pipeline.render(payload)
+    assert "| evaluate/dense | 50.0 | 1000 |" in text and "| prune/flap/0.2 | 5.0 | - |" in text
+    assert "pruneflow **0.2 min**, reference **1.0 min**" in text  # dense evaluation is not the same work
+    assert "Snakemake planned: recover x1, report x1" in text
+    assert "| reference pruned | 130.00 | 160.00 | - |" in text and "no GPU on this machine" in text
