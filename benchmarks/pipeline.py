@@ -36,10 +36,17 @@ from pruneflow.config import format_ratio, params_from_mapping
 from pruneflow.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from table1 import ROOT, _device, build_params, prepare_work_dir, stage_table, stage_times  # noqa: E402
+from table1 import (  # noqa: E402
+    OFFLINE_ENV,
+    ROOT,
+    _device,
+    build_params,
+    prepare_work_dir,
+    stage_table,
+    stage_times,
+)
 
 REFERENCE_SETTING = "taylor_mlp_only"
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1"}
 
 
 class GpuSampler:
@@ -82,14 +89,14 @@ class GpuSampler:
 
 def timed(command: list[str], cwd: Path) -> float:
     started = time.perf_counter()
-    subprocess.run(command, cwd=cwd, env={**os.environ, **ENV}, check=True)
+    subprocess.run(command, cwd=cwd, env={**os.environ, **OFFLINE_ENV}, check=True)
     return time.perf_counter() - started
 
 
 def planned_jobs(work_dir: Path) -> dict[str, int]:
     """Jobs a Snakemake dry run would execute, by rule."""
     out = subprocess.run([sys.executable, "-m", "snakemake", "--dry-run", "--cores", "1"], cwd=work_dir,
-                         env={**os.environ, **ENV}, check=True, stdout=subprocess.PIPE, text=True).stdout
+                         env={**os.environ, **OFFLINE_ENV}, check=True, stdout=subprocess.PIPE, text=True).stdout
     jobs: dict[str, int] = {}
     in_table = False
     for line in out.splitlines():

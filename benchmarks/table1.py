@@ -38,6 +38,9 @@ from pruneflow.importance import CRITERIA
 
 ROOT = Path(__file__).resolve().parents[1]
 LINKED = ("Snakefile", "workflow", "src", "dvc.yaml")
+# what every benchmark subprocess runs with: offline, quiet tokenizers, no DVC analytics
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "DVC_NO_ANALYTICS": "1"}
 ZEROSHOT_FILE = {"openbookqa": "openbook_qa.jsonl", "lambada": "lambada_openai.jsonl"}
 
 
@@ -156,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     prepare_work_dir(args.work_dir, params)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, **OFFLINE_ENV}
     command = [sys.executable, "-m", "snakemake", "--cores", str(args.cores), "--resources", f"gpu={args.gpus}",
                "--rerun-incomplete", "--printshellcmds"]
     started = time.perf_counter()

@@ -93,14 +93,15 @@ def test_commit_records_only_built_stages_and_status_is_clean(toy_project: Path)
     assert lock["stages"]["summarise"]["outs"][0]["md5"] == dvc_hash(toy_project / "out/summary.txt")
 
 
-def test_checkout_dates_outputs_upstream_first(toy_project: Path) -> None:
+def test_checkout_dates_outputs_upstream_first(toy_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _build_like_snakemake(toy_project)
     commit_built_stages(toy_project, ["out/folder", "out/summary.txt"])
     shutil.rmtree(toy_project / "out")
     benchmark = toy_project / "logs/benchmarks/summarise.tsv"  # Snakemake counts it as an output
     benchmark.parent.mkdir(parents=True)
     benchmark.write_text("s\n1.0\n")
-    touched = checkout(toy_project)
+    monkeypatch.chdir(toy_project.parent)
+    touched = checkout(toy_project.name)  # a root relative to the caller's cwd
     assert (toy_project / "out/summary.txt").read_text() == "a\nb\n"
     assert touched == ["out/folder", "out/summary.txt"]
     folder_files = [p.stat().st_mtime_ns for p in (toy_project / "out/folder").rglob("*")]
@@ -115,6 +116,16 @@ def test_order_output_times_skips_missing_outputs(toy_project: Path) -> None:
     (toy_project / "out/summary.txt").write_text("x")
     assert order_output_times(toy_project, now_ns=10**18) == ["out/summary.txt"]
     assert (toy_project / "out/summary.txt").stat().st_mtime_ns == 10**18 + 10_000_000
+
+
+def test_cli_commit_reads_built_outputs_from_stdin(toy_project: Path) -> None:
+    _build_like_snakemake(toy_project)
+    done = subprocess.run([sys.executable, "-m", "pruneflow.versioning", "commit", "--outputs-file", "-"],
+                          cwd=toy_project, input="out/folder\nout/summary.txt\n", text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert done.returncode == 0, done.stdout
+    assert "recorded 2 DVC stage(s) in dvc.lock: make_folder, summarise" in done.stdout
+    assert "up to date" in _run(["dvc", "status"], toy_project)
 
 
 def test_cli_outside_a_dvc_project_says_so(tmp_path: Path) -> None:

@@ -50,10 +50,10 @@ def dvc_hash(path: str | Path) -> str:
         raise FileNotFoundError(f"{str(path)!r} is neither a file nor a folder")
     entries = [
         {"md5": _file_md5(file), "relpath": file.relative_to(path).as_posix()}
-        for file in sorted(path.rglob("*"))
+        for file in path.rglob("*")
         if file.is_file()
     ]
-    entries.sort(key=lambda entry: entry["relpath"])
+    entries.sort(key=lambda entry: entry["relpath"])  # DVC's order: by the relative path string
     listing = json.dumps(entries, sort_keys=True).encode("utf-8")
     return hashlib.md5(listing).hexdigest() + ".dir"
 
@@ -137,7 +137,8 @@ def checkout(root: str | Path, targets: Sequence[str] = ()) -> list[str]:
     """`dvc checkout` (optionally of some targets), then pipeline-ordered output times."""
     from dvc.repo import Repo
 
-    with contextlib.chdir(root), Repo(str(Path(root).resolve())) as repo:
+    root = Path(root).resolve()  # before the chdir: a relative root names a folder below the caller's cwd
+    with contextlib.chdir(root), Repo(str(root)) as repo:
         if targets:
             for target in targets:
                 repo.checkout(target, force=True)
@@ -150,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pruneflow.versioning", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commit = commands.add_parser("commit", help="record Snakemake-built outputs in dvc.lock")
-    commit.add_argument("--outputs-file", type=Path, required=True,
-                        help="text file with one built output path per line")
+    commit.add_argument("--outputs-file", required=True,
+                        help="text file with one built output path per line (- for standard input)")
     restore = commands.add_parser("checkout", help="dvc checkout, then file times in pipeline order")
     restore.add_argument("targets", nargs="*", help="DVC stages or outputs (default: all)")
     args = parser.parse_args(argv)
@@ -160,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pruneflow: {root} is not a DVC project (no .dvc/ or dvc.yaml); nothing to do", file=sys.stderr)
         return 2
     if args.command == "commit":
-        outputs = [line.strip() for line in args.outputs_file.read_text().splitlines() if line.strip()]
+        text = sys.stdin.read() if args.outputs_file == "-" else Path(args.outputs_file).read_text()
+        outputs = [line.strip() for line in text.splitlines() if line.strip()]
         committed = commit_built_stages(root, outputs)
         print(f"pruneflow: recorded {len(committed)} DVC stage(s) in dvc.lock: {', '.join(committed) or 'none'}",
               file=sys.stderr)

@@ -154,7 +154,6 @@ def record_in_dvc():
     reported and leaves the pipeline's outputs and result alone.
     """
     import subprocess
-    import tempfile
 
     from pruneflow.versioning import DISABLE_ENV, is_dvc_project
 
@@ -162,13 +161,10 @@ def record_in_dvc():
         return
     try:
         outputs = sorted({str(path) for job in workflow.dag.jobs for path in job.output})
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="pruneflow-built-", delete=False) as listing:
-            listing.write("\n".join(outputs) + "\n")
         done = subprocess.run(
-            [sys.executable, "-m", "pruneflow.versioning", "commit", "--outputs-file", listing.name],
-            check=False,
+            [sys.executable, "-m", "pruneflow.versioning", "commit", "--outputs-file", "-"],
+            input="\n".join(outputs) + "\n", text=True, check=False,
         )
-        os.unlink(listing.name)
         if done.returncode != 0:
             print(f"pruneflow: recording the outputs in dvc.lock failed (exit {done.returncode}); "
                   "the outputs are complete: run `dvc commit` to record them", file=sys.stderr)
