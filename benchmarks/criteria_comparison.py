@@ -62,8 +62,10 @@ class Method:
         return "+".join(parts)
 
 
-def default_methods(criteria: list[str]) -> list[Method]:
+def default_methods(criteria: list[str], extras_too: bool = True) -> list[Method]:
     methods = [Method(name, bias_compensation=(name == "flap")) for name in criteria]
+    if not extras_too:
+        return methods
     extras = [
         Method("taylor_element1", allocation="global"),
         Method("taylor_element2", allocation="global"),
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-pruning-time-limit", type=int, default=600)
     parser.add_argument("--work-dir", type=Path, default=Path("data/benchmarks/criteria"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/criteria_comparison"))
+    parser.add_argument("--no-extras", action="store_true",
+                        help="only each criterion's own setting (no global / query-head variants)")
     parser.add_argument("--rerender", action="store_true",
                         help="rebuild findings, markdown and plot from OUT.json (no model work)")
     args = parser.parse_args(argv)
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"method": "dense", "source": "-", "ratio": 0.0, "params": params_dense, **dense_eval})
     print(f"dense: {dense_eval['perplexity']['wikitext2']['ppl']:.2f}", flush=True)
     target_params: dict[float, int] = {}
-    for method in default_methods(criteria):
+    for method in default_methods(criteria, extras_too=not args.no_extras):
         if "error" in scoring.get(method.criterion, {"error": "not scored"}):
             continue
         scores = GroupScores.load(scoring[method.criterion]["scores"])

@@ -4,13 +4,14 @@ existing outputs untouched."""
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 
 import pytest
 
 from pruneflow.stages.cli import run_cli
 
-from .tiny_project import make_tiny_project, run, set_param
+from .tiny_project import make_tiny_project, run, run_stages_in_process, set_param
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,205 @@ def test_snakemake_refuses_bad_params_before_any_job(project, tmp_path, dotted, 
     assert expected in result.stdout
     assert _untouched(sentinel)
     assert not (root / "logs").exists()
+
+
+# ------------------------------------------------------------------- settings that do not fit the model
+
+
+def test_activation_criterion_without_a_cache(workdir, capsys):
+    out = _sentinel(workdir / "data/scores/flap.safetensors")
+    err = _run_stage("score", ["--model", "models/tiny-llama", "--calibration", "c",
+                               "--activations", "data/activations/none.safetensors", "--criterion", "flap",
+                               "--out", str(out)], capsys)
+    assert "criterion 'flap' needs the activation cache, but 'data/activations/none.safetensors' does not exist" in err
+    assert "cache_activations" in err
+    assert _untouched(out)
+
+
+def test_lora_rank_wider_than_the_model(workdir, capsys):
+    set_param(workdir, "recover.lora_r", 64)  # the tiny model's k_proj/v_proj are 64 -> 32
+    out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    assert "recover.lora_r=64 is not allowed for this model; allowed: 1 <= lora_r <= 32" in err
+    assert _untouched(out)
+
+
+def test_lora_cutoff_longer_than_the_model_context(workdir, capsys):
+    set_param(workdir, "laptop.recover.cutoff_len", 4096)  # the tiny model has 512 positions
+    out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    assert "recover.cutoff_len=4096 is not allowed for this model" in err and "max_position_embeddings=512" in err
+    assert _untouched(out)
+
+
+def test_layer_range_outside_the_model_at_the_prune_stage(workdir, capsys):
+    set_param(workdir, "prune.layer_start", 10)  # the tiny model has 4 layers
+    out = _sentinel(workdir / "data/pruned/taylor_element1/0.3")
+    err = _run_stage("prune", ["--model", "models/tiny-llama", "--scores", "s", "--activations", "a",
+                               "--criterion", "taylor_element1", "--ratio", "0.3", "--out", str(out)], capsys)
+    assert "prune.layer_start=10, prune.layer_end=-1 select no layers of a model with 4" in err
+    assert _untouched(out)
+
+
+def test_unsupported_architecture_as_model_source(workdir, capsys):
+    _model_copy(workdir, "models/gpt2", architectures=["GPT2LMHeadModel"])
+    set_param(workdir, "model.source", "./models/gpt2")
+    out = _sentinel(workdir / "data/models/dense")
+    err = _run_stage("prepare_model", ["--out", str(out)], capsys)
+    assert "model.source='./models/gpt2' is a 'GPT2LMHeadModel' model, which is not supported; supported:" in err
+    assert "LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err
+    assert _untouched(out)
+
+
+# --------------------------------------------------------------------------------- unreadable data
+
+
+def test_non_utf8_calibration_text(workdir, capsys):
+    (workdir / "data/raw/wikitext-2/train.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
+    out = _sentinel(workdir / "data/calibration/calibration.safetensors")
+    err = _run_stage("calibrate", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    assert "calibration.source file 'data/raw/wikitext-2/train.txt' is not UTF-8 text: byte 3" in err
+    assert _untouched(out)
+
+
+def test_non_utf8_zeroshot_file(workdir, capsys):
+    path = workdir / "data/raw/zeroshot/piqa.jsonl"
+    path.write_bytes(path.read_bytes() + '{"goal": "caf\u00e9"}\n'.encode("latin-1"))
+    out = _sentinel(workdir / "reports/metrics/dense.json")
+    err = _run_stage("evaluate", ["--model", "models/tiny-llama", "--model-id", "dense", "--out", str(out)], capsys)
+    assert "piqa.jsonl is not UTF-8 text" in err
+    assert _untouched(out)
+
+
+def test_non_utf8_instruction_file(workdir, capsys):
+    (workdir / "data/raw/instruct/gsm_8k_train.json").write_bytes('[{"instruction": "caf\u00e9"}]'.encode("latin-1"))
+    out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    assert "gsm_8k_train.json" in err and "UTF-8" in err
+    assert _untouched(out)
+
+
+def test_zeroshot_file_with_a_wrong_schema(workdir, capsys):
+    path = workdir / "data/raw/zeroshot/arc_easy.jsonl"
+    path.write_text(path.read_text() + '{"question": "Q?", "answer": "A"}\n')
+    out = _sentinel(workdir / "reports/metrics/dense.json")
+    err = _run_stage("evaluate", ["--model", "models/tiny-llama", "--model-id", "dense", "--out", str(out)], capsys)
+    assert "arc_easy.jsonl:13" in err and "expected keys:" in err
+    assert _untouched(out)
+
+
+# ---------------------------------------------------------------------- broken artifacts (real loads)
+
+
+def _model_copy(root, relative: str, **config_changes):
+    folder = root / relative
+    shutil.copytree(root / "models/tiny-llama", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def built(project, tmp_path_factory):
+    """The tiny project with real outputs up to l2_magnitude scores (stages run in this process)."""
+    root = tmp_path_factory.mktemp("artifacts") / "p"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("src"))
+    set_param(root, "mlflow.enabled", False)
+    run_stages_in_process(root, criteria=["l2_magnitude"], ratio=0.3)
+    return root
+
+
+@pytest.fixture()
+def artifacts(built, tmp_path, monkeypatch):
+    root = tmp_path / "p"
+    shutil.copytree(built, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+SCORE_ARGS = ["--calibration", "data/calibration/calibration.safetensors",
+              "--activations", "data/activations/activations.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_broken_model_weights(artifacts, capsys, damage):
+    weights = artifacts / "data/models/dense/model.safetensors"
+    _truncate(weights) if damage == "truncated" else weights.unlink()
+    out = _sentinel(artifacts / "data/scores/taylor_element1.safetensors")
+    err = _run_stage("score", ["--model", "data/models/dense", *SCORE_ARGS, "--criterion", "taylor_element1",
+                               "--out", str(out)], capsys)
+    assert "could not load the model in 'data/models/dense' (missing, truncated or corrupt weights?)" in err
+    assert _untouched(out)
+
+
+def test_truncated_scores_file(artifacts, capsys):
+    _truncate(artifacts / "data/scores/l2_magnitude.safetensors")
+    out = _sentinel(artifacts / "data/pruned/l2_magnitude/0.2")
+    err = _run_stage("prune", ["--model", "data/models/dense", "--scores", "data/scores/l2_magnitude.safetensors",
+                               "--activations", "a", "--criterion", "l2_magnitude", "--ratio", "0.2",
+                               "--out", str(out)], capsys)
+    assert "scores file 'data/scores/l2_magnitude.safetensors' is not a readable safetensors file" in err
+    assert _untouched(out)
+
+
+def test_scores_of_another_criterion(artifacts, capsys):
+    out = _sentinel(artifacts / "data/pruned/taylor_element1/0.2")
+    err = _run_stage("prune", ["--model", "data/models/dense", "--scores", "data/scores/l2_magnitude.safetensors",
+                               "--activations", "a", "--criterion", "taylor_element1", "--ratio", "0.2",
+                               "--out", str(out)], capsys)
+    assert "holds criterion 'l2_magnitude', not --criterion='taylor_element1'" in err
+    assert _untouched(out)
+
+
+def test_truncated_activation_cache(artifacts, capsys):
+    _truncate(artifacts / "data/activations/activations.safetensors")
+    out = _sentinel(artifacts / "data/scores/wanda_sp.safetensors")
+    err = _run_stage("score", ["--model", "data/models/dense", *SCORE_ARGS, "--criterion", "wanda_sp",
+                               "--out", str(out)], capsys)
+    assert "activation cache 'data/activations/activations.safetensors' is not a readable safetensors file" in err
+    assert _untouched(out)
+
+
+def test_truncated_calibration_file(artifacts, capsys):
+    _truncate(artifacts / "data/calibration/calibration.safetensors")
+    out = _sentinel(artifacts / "data/scores/taylor_element1.safetensors")
+    err = _run_stage("score", ["--model", "data/models/dense", *SCORE_ARGS, "--criterion", "taylor_element1",
+                               "--out", str(out)], capsys)
+    assert "calibration file 'data/calibration/calibration.safetensors' is unreadable" in err
+    assert _untouched(out)
+
+
+def test_tokenizer_of_another_model_as_source(artifacts, capsys):
+    _model_copy(artifacts, "models/small-vocab", vocab_size=64)  # its tokenizer has more tokens
+    set_param(artifacts, "model.source", "./models/small-vocab")
+    out = _sentinel(artifacts / "data/models/other")
+    err = _run_stage("prepare_model", ["--out", str(out)], capsys)
+    assert "has 64" in err and "they do not belong together" in err
+    assert _untouched(out)
+
+
+def test_tokenizer_swapped_in_a_model_folder(artifacts, capsys):
+    config = json.loads((artifacts / "data/models/dense/config.json").read_text())
+    config["vocab_size"] = 64
+    (artifacts / "data/models/dense/config.json").write_text(json.dumps(config))
+    out = _sentinel(artifacts / "data/calibration/calibration.safetensors")
+    err = _run_stage("calibrate", ["--model", "data/models/dense", "--out", str(out)], capsys)
+    assert "the tokenizer of model folder 'data/models/dense' has" in err and "do not belong together" in err
+    assert _untouched(out)
+
+
+def test_unsupported_architecture_in_a_model_folder(artifacts, capsys):
+    config = json.loads((artifacts / "data/models/dense/config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (artifacts / "data/models/dense/config.json").write_text(json.dumps(config))
+    out = _sentinel(artifacts / "data/scores/taylor_element1.safetensors")
+    err = _run_stage("score", ["--model", "data/models/dense", *SCORE_ARGS, "--criterion", "taylor_element1",
+                               "--out", str(out)], capsys)
+    assert "architecture 'GPT2LMHeadModel' in data/models/dense/config.json is not supported" in err
+    assert _untouched(out)

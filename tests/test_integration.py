@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from .kill_hook import kill_hook_env
 from .tiny_project import (
     dvc_planned_stages,
     dvc_ran_stages,
@@ -165,6 +166,16 @@ def _every_criterion_overrides(**prune) -> dict:
     return {"grid": {"criteria": list(CRITERIA), "ratios": [0.3]}, "score": {"mi_tokens": 32}, "prune": prune}
 
 
+def _output_times(root) -> dict[str, int]:
+    """Modification times of every visible pipeline output (not the raw data), by relative path."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted((root / "data").rglob("*"))
+            if p.is_file() and "raw" not in p.parts and not any(part.startswith(".") for part in p.parts)}
+
+
+def _logs(root) -> str:
+    return "\n".join(p.read_text() for p in sorted((root / "logs").rglob("*.log")))
+
+
 def _check_pruned(root, criteria, allocation: str) -> None:
     from pruneflow.checkpoint import load_pruned
 
@@ -182,7 +193,19 @@ def test_every_criterion_with_global_allocation_through_snakemake(tmp_path):
 
     root = make_tiny_project(tmp_path / "project", _every_criterion_overrides(allocation="global"))
     # targets first: --resources takes every following word
-    run(["snakemake", *(f"data/pruned/{c}/0.3" for c in CRITERIA), "--cores", "all", "--resources", "gpu=2"], root)
+    command = ["snakemake", *(f"data/pruned/{c}/0.3" for c in CRITERIA), "--cores", "all", "--resources", "gpu=2"]
+
+    # a prune job SIGKILLed while writing its checkpoint: nothing that looks complete is left ...
+    killed_output = root / "data/pruned/taylor_element1/0.3"
+    hook = kill_hook_env(tmp_path / "hook", str(killed_output), pythonpath=str(root / "src"))
+    killed = run(command, root, check=False, extra_env=hook)
+    assert killed.returncode != 0 and "kill_hook: SIGKILL while writing" in _logs(root)
+    assert not killed_output.exists()
+    finished = _output_times(root)
+    assert "data/models/dense/model.safetensors" in finished
+    # ... and the plain rerun finishes the work without touching what had finished
+    run(command, root)
+    assert {path: (root / path).stat().st_mtime_ns for path in finished} == finished
     _check_pruned(root, CRITERIA, "global")
 
 
@@ -192,7 +215,17 @@ def test_query_head_pruning_through_dvc(tmp_path):
     overrides["grid"]["criteria"] = criteria
     root = make_tiny_project(tmp_path / "project", overrides)
     init_git_and_dvc(root)
-    run(["dvc", "repro", "prune"], root)
+    # the pruning of one criterion is SIGKILLed while writing; the rerun does only what is left
+    killed_output = root / "data/pruned/taylor_element1/0.3"
+    hook = kill_hook_env(tmp_path / "hook", str(killed_output), pythonpath=str(root / "src"))
+    killed = run(["dvc", "repro", "prune"], root, check=False, extra_env=hook)
+    assert killed.returncode != 0 and "kill_hook: SIGKILL while writing" in killed.stdout
+    assert not killed_output.exists()
+    finished = _output_times(root)
+    rerun = run(["dvc", "repro", "prune"], root).stdout
+    assert "Running stage 'prune@taylor_element1-0.3'" in rerun
+    assert "Running stage 'prepare_model'" not in rerun and "Running stage 'score@taylor_element1'" not in rerun
+    assert {path: (root / path).stat().st_mtime_ns for path in finished} == finished
     _check_pruned(root, criteria, "uniform")
     summary = json.loads((root / "data/pruned/taylor_element1/0.3/pruning_summary.json").read_text())
     assert summary["attention_unit"] == "query_head"

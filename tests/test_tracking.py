@@ -355,6 +355,37 @@ def test_two_processes_share_one_parent_in_one_sqlite_store(
         assert len(_client().get_metric_history(run_id, "loss")) == 20
 
 
+def test_two_invocations_at_once_keep_separate_parents_in_one_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pipeline runs (two users, or snakemake and dvc) write one fresh store at the same moment."""
+    monkeypatch.chdir(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    jobs = [(invocation, stage) for invocation in ("inv-1", "inv-2") for stage in ("score", "prune")]
+    workers = [ctx.Process(target=_concurrent_stage, args=(str(tmp_path), invocation, f"{stage}@{invocation}",
+                                                          barrier, results)) for invocation, stage in jobs]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=180) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert all("MLflow tracking failed" not in err for *_, err in outcomes)
+
+    runs = _runs(MlflowParams())
+    parents = {r.info.run_id: r for r in runs if r.data.tags.get("pruneflow.kind") == "pipeline"}
+    assert len(parents) == 2 and len(runs) == 6
+    children: dict[str, set[str]] = {}
+    for stage, run_id, parent_id, _ in outcomes:
+        children.setdefault(parent_id, set()).add(stage.split("@")[1])
+        assert len(_client().get_metric_history(run_id, "loss")) == 20
+    assert sorted(map(sorted, children.values())) == [["inv-1"], ["inv-2"]], "stages must nest under their own run"
+    assert set(children) == set(parents)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
 # --------------------------------------------------------------------------------------------------
 # (h) finish_invocation
 # --------------------------------------------------------------------------------------------------

@@ -82,6 +82,35 @@ def make_tiny_project(root: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+def stage_chain(criteria: list[str], ratio: float) -> list[tuple[str, list[str]]]:
+    """The DAG's commands up to the pruned models, as (stage, argv) pairs with the Snakefile's paths."""
+    cal, act, dense = "data/calibration/calibration.safetensors", "data/activations/activations.safetensors", \
+        "data/models/dense"
+    chain = [("prepare_model", ["--out", dense]), ("calibrate", ["--model", dense, "--out", cal]),
+             ("cache_activations", ["--model", dense, "--calibration", cal, "--out", act])]
+    for name in criteria:
+        scores = f"data/scores/{name}.safetensors"
+        chain.append(("score", ["--model", dense, "--calibration", cal, "--activations", act, "--criterion", name,
+                                "--out", scores]))
+        chain.append(("prune", ["--model", dense, "--scores", scores, "--activations", act, "--criterion", name,
+                                "--ratio", str(ratio), "--out", f"data/pruned/{name}/{ratio}"]))
+    return chain
+
+
+def run_stages_in_process(root: Path, criteria: list[str] | None = None, ratio: float = 0.3,
+                          commands: list[tuple[str, list[str]]] | None = None) -> None:
+    """Run stage CLIs' mains in this process with `root` as cwd: the chain up to pruning, or `commands`."""
+    import importlib
+
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        for stage, argv in commands if commands is not None else stage_chain(criteria or [], ratio):
+            importlib.import_module(f"pruneflow.stages.{stage}").main(argv)
+    finally:
+        os.chdir(previous)
+
+
 def set_param(root: Path, dotted: str, value) -> None:
     """Set one params.yaml key (dotted path) of a project, as a user editing the file would."""
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -104,8 +133,9 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=root, env=project_env(root), stdout=subprocess.PIPE,
+def run(cmd: list[str], root: Path, check: bool = True, timeout: int = 1500,
+        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=root, env={**project_env(root), **(extra_env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and result.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((root / "logs").rglob("*.log"))

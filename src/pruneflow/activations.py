@@ -80,3 +80,22 @@ def collect_activation_stats(
     stats["num_tokens"] = torch.tensor([total_tokens], dtype=torch.long)
     stats["sampled_positions"] = sampled_positions.contiguous()
     return stats
+
+
+def load_activation_stats(path, needed_by: str) -> dict[str, torch.Tensor]:
+    """Read the cache written by cache_activations; a missing or corrupt file is a DataError naming who needs it."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pruneflow.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{needed_by} needs the activation cache, but {str(path)!r} does not exist; "
+                        "run the cache_activations stage first (snakemake / dvc repro make it)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types on truncated files
+        raise DataError(f"activation cache {str(path)!r} is not a readable safetensors file "
+                        f"(truncated or corrupt?): {exc}; delete it and rerun cache_activations") from exc

@@ -101,14 +101,8 @@ def read_config_dict(path: str | Path) -> dict:
         raise ModelError(f"{config_path} is not valid JSON: {exc}") from exc
 
 
-def load_pruned(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = torch.float32,
-    device: torch.device | str | None = None,
-) -> nn.Module:
-    """Load any pruneflow checkpoint (dense, uniformly or non-uniformly pruned) in eval mode."""
-    path = Path(path)
+def _model_class(path: Path):
+    """The config and the class that builds this checkpoint's real widths; refuses unknown architectures."""
     if not path.is_dir():
         raise ModelError(f"model folder {str(path)!r} does not exist")
     raw = read_config_dict(path)
@@ -118,13 +112,40 @@ def load_pruned(
             f"architecture {architectures[0]!r} in {path}/config.json is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}/config.json is not a usable model config: {exc}") from exc
     base_cls = AutoModelForCausalLM._model_mapping[type(config)]
-    cls = _with_layer_shapes(base_cls) if raw.get(LAYER_SHAPES_KEY) else base_cls
+    return config, (_with_layer_shapes(base_cls) if raw.get(LAYER_SHAPES_KEY) else base_cls)
+
+
+def model_skeleton(path: str | Path) -> nn.Module:
+    """The checkpoint's module tree with its real widths on the meta device: shapes, no weights read.
+
+    Lets settings that depend on the model (LoRA rank, targets) be checked before anything heavy runs.
+    """
+    config, cls = _model_class(Path(path))
+    with torch.device("meta"):
+        return cls(config)
+
+
+def load_pruned(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Load any pruneflow checkpoint (dense, uniformly or non-uniformly pruned) in eval mode."""
+    path = Path(path)
+    _, cls = _model_class(path)
     try:
         model = cls.from_pretrained(path, dtype=dtype)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelError(f"could not load the model in {str(path)!r}: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError on a truncated file
+        raise ModelError(f"could not load the model in {str(path)!r} (missing, truncated or corrupt weights?): "
+                         f"{type(exc).__name__}: {exc}") from exc
     if device is not None:
         model = model.to(device)
     return model.eval()

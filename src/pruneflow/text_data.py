@@ -8,6 +8,7 @@ The evaluation strings follow the recipes the papers' numbers depend on (see DES
 
 from __future__ import annotations
 
+import codecs
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,17 @@ def check_text_file(path: str | Path, what: str) -> Path:
         raise DataError(f"{what} file {str(path)!r} does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"{what} file {str(path)!r} is empty")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
         with path.open("rb") as handle:
-            handle.read(1 << 20).decode("utf-8")
+            while chunk := handle.read(1 << 22):
+                decoder.decode(chunk)
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
     except UnicodeDecodeError as exc:
-        # a multi-byte character cut at the 1 MiB boundary is fine; anything else is not UTF-8
-        if exc.start < (1 << 20) - 4:
-            raise DataError(f"{what} file {str(path)!r} is not UTF-8 text: {exc}") from None
+        raise DataError(f"{what} file {str(path)!r} is not UTF-8 text: byte {offset + exc.start} "
+                        f"({exc.object[exc.start:exc.start + 1]!r}) is invalid; re-encode it as UTF-8") from None
     return path
 
 

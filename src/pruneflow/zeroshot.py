@@ -275,21 +275,24 @@ def _read_records(path: Path, schema: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"zero-shot data file {path} is missing; expected llm-foundry jsonl there")
     expected = ", ".join(_SCHEMAS[schema])
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{line_no}: not valid JSON ({exc.msg}); expected keys: {expected}"
-                ) from exc
-            problem = _record_problem(record, schema)
-            if problem:
-                raise DataError(f"{path}:{line_no}: {problem}; expected keys: {expected}")
-            records.append({k: record[k] for k in _SCHEMAS[schema]})
+    records: list[dict[str, Any]] = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{path}:{line_no}: not valid JSON ({exc.msg}); expected keys: {expected}"
+                    ) from exc
+                problem = _record_problem(record, schema)
+                if problem:
+                    raise DataError(f"{path}:{line_no}: {problem}; expected keys: {expected}")
+                records.append({k: record[k] for k in _SCHEMAS[schema]})
+    except UnicodeDecodeError as exc:
+        raise DataError(f"zero-shot data file {path} is not UTF-8 text ({exc}); expected UTF-8 jsonl") from None
     if not records:
         raise DataError(
             f"zero-shot data file {path} is empty; expected one JSON record per line ({expected})"

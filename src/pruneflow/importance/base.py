@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pruneflow.atomic import atomic_path
 from pruneflow.errors import DataError
+from pruneflow.tensor_files import read_metadata, save_tensors
 
 
 @dataclass
@@ -53,19 +53,15 @@ class GroupScores:
             tensors[f"layers.{i}.attention_heads"] = heads.detach().double().cpu().contiguous()
         meta = {k: str(v) for k, v in self.metadata.items()}
         meta["num_layers"] = str(len(self.attention))
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> GroupScores:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"scores file {str(path)!r} does not exist; run the score stage first")
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
+            metadata = read_metadata(path)
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise DataError(f"scores file {str(path)!r} is not a readable safetensors file: {exc}") from exc

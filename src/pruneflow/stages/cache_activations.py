@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pruneflow.atomic import atomic_path
 from pruneflow.config import load_params, stage_params
 from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
 
@@ -26,11 +25,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = resolve_dtype(params.runtime.dtype, device)
     require_file(args.model, "model folder")
 
-    from safetensors.torch import save_file
-
     from pruneflow.activations import collect_activation_stats
     from pruneflow.checkpoint import load_pruned
     from pruneflow.stages.calibrate import load_calibration
+    from pruneflow.tensor_files import save_tensors
     from pruneflow.tracking import stage_run
 
     ids = load_calibration(args.calibration)
@@ -43,8 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             model, ids, batch_size=params.activations.batch_size, max_tokens=params.activations.max_tokens,
             seed=params.seed, device=device,
         )
-        with atomic_path(args.out) as tmp:
-            save_file(stats, str(tmp), metadata={"command": command_line(), "device": str(device)})
+        save_tensors(args.out, stats, {"command": command_line(), "device": str(device)})
         run.log_metrics({"tokens": int(stats["num_tokens"].item()), "tensors": len(stats)})
 
 

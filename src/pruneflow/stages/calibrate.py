@@ -6,7 +6,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from pruneflow.atomic import atomic_path
 from pruneflow.config import load_params, stage_params
 from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
 
@@ -29,8 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = read_rows(cfg.source, "calibration.source")
     tokenizer = load_tokenizer(args.model)
 
-    from safetensors.torch import save_file
-
+    from pruneflow.tensor_files import save_tensors
     from pruneflow.tracking import stage_run
 
     tracked = stage_params(params, "seed", "calibration")
@@ -44,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "offsets": json.dumps(calibration.offsets),
             "command": command_line(),
         }
-        with atomic_path(args.out) as tmp:
-            save_file({"input_ids": calibration.input_ids.contiguous()}, str(tmp), metadata=metadata)
+        save_tensors(args.out, {"input_ids": calibration.input_ids.contiguous()}, metadata)
         run.log_metrics({"num_samples": cfg.num_samples, "seq_len": cfg.seq_len,
                          "tokens": calibration.input_ids.numel()})
 

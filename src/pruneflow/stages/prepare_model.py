@@ -18,7 +18,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
 
-    from pruneflow.modeling import load_source, offline_by_default, resolve_source
+    from pruneflow.modeling import load_source, offline_by_default, portable_location, resolve_source
 
     source = resolve_source(params.model.source)  # a missing path fails here, before loading anything
     offline_by_default()
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with atomic_dir(args.out) as tmp:
             save_pruned(model, tmp, tokenizer=tokenizer)
             write_chain(tmp, [step(STAGE, command_line(), tracked, source_kind=source.kind,
-                                   source_location=source.location, params_count=parameters,
+                                   source_location=portable_location(source), params_count=parameters,
                                    layer_shapes=[s.to_dict() for s in layer_shapes(model)])])
         run.log_metrics({"params": parameters, "layers": len(layer_shapes(model))})
 

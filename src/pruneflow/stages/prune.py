@@ -35,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     compensate = uses_bias_compensation(params.prune.bias_compensation, args.criterion)
     require_file(args.model, "model folder")
+    from pruneflow.checkpoint import load_pruned, read_config_dict, save_pruned
+
+    model_config = read_config_dict(args.model)
+    layers = params.prune.layer_range(int(model_config["num_hidden_layers"]))  # before anything is loaded
     scores = GroupScores.load(args.scores)
     if scores.metadata.get("criterion") != args.criterion:
         raise DataError(
@@ -44,22 +48,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.architectures import count_parameters, layer_shapes
     from pruneflow.atomic import atomic_dir
-    from pruneflow.checkpoint import load_pruned, read_config_dict, save_pruned
     from pruneflow.modeling import load_tokenizer
     from pruneflow.provenance import read_chain, step, write_chain
     from pruneflow.pruning import add_compensation_biases, apply_pruning, compensation_biases, plan_pruning
     from pruneflow.tracking import stage_run
 
-    model_config = read_config_dict(args.model)
-    num_layers = int(model_config["num_hidden_layers"])
-    layers = params.prune.layer_range(num_layers)  # a bad range fails before the model is loaded
     activations = None
     if compensate:
         check_bias_compensation(model_config.get("model_type"))
-        require_file(args.activations, "activation cache")
-        from safetensors.torch import load_file
+        from pruneflow.activations import load_activation_stats
 
-        activations = load_file(str(args.activations))
+        activations = load_activation_stats(args.activations, f"bias compensation ({args.criterion!r})")
     model = load_pruned(args.model)  # surgery on CPU in fp32: exact, and cheap next to scoring
     tokenizer = load_tokenizer(args.model)
     tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio}

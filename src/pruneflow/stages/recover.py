@@ -29,7 +29,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_file(args.model, "model folder")
     offline_by_default()
 
-    from pruneflow.recovery import load_instruction_data, recover_with_lora, tokenize_for_training
+    from pruneflow.checkpoint import model_skeleton, read_config_dict
+    from pruneflow.errors import ConfigError
+    from pruneflow.recovery import (
+        check_lora_targets,
+        load_instruction_data,
+        recover_with_lora,
+        tokenize_for_training,
+    )
+
+    # settings that do not fit this model fail on its shapes alone, before data or weights are read
+    check_lora_targets(model_skeleton(args.model), cfg)
+    positions = read_config_dict(args.model).get("max_position_embeddings")
+    if positions and cfg.cutoff_len > positions:
+        raise ConfigError(f"recover.cutoff_len={cfg.cutoff_len} is not allowed for this model; allowed: "
+                          f"an integer <= max_position_embeddings={positions} of {args.model}/config.json")
 
     # data problems fail here, before the model is loaded
     train, validation = load_instruction_data(cfg.data, val_size=cfg.val_size, seed=params.seed,

@@ -32,18 +32,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     import time
 
     import torch
-    from safetensors.torch import load_file
 
+    from pruneflow.activations import load_activation_stats
     from pruneflow.checkpoint import load_pruned
     from pruneflow.importance import ScoringInputs
     from pruneflow.stages.calibrate import load_calibration
     from pruneflow.tracking import stage_run
 
-    ids = load_calibration(args.calibration)
     activations = None
     if criterion.needs_activations:
-        require_file(args.activations, "activation cache")
-        activations = load_file(str(args.activations))
+        activations = load_activation_stats(args.activations, f"criterion {criterion.name!r}")
+    ids = load_calibration(args.calibration)
     seed_everything(params.seed)
     tracked = {**stage_params(params, "seed", "runtime", "score"), "criterion": criterion.name}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags={"pruneflow.criterion": criterion.name},
