@@ -52,11 +52,16 @@ REPORT_OUTPUTS = ["reports/results.md", "reports/results.csv", "reports/plots"]
 # Source files whose edits rerun a stage (dvc.yaml lists the same ones; a test checks).
 STAGE_SOURCES = {
     "prepare_model": ["src/pruneflow/stages/prepare_model.py", "src/pruneflow/modeling.py"],
-    "calibrate": ["src/pruneflow/stages/calibrate.py", "src/pruneflow/text_data.py"],
-    "cache_activations": ["src/pruneflow/stages/cache_activations.py", "src/pruneflow/activations.py"],
+    "calibrate": ["src/pruneflow/stages/calibrate.py", "src/pruneflow/text_data.py", "src/pruneflow/tensor_files.py"],
+    "cache_activations": [
+        "src/pruneflow/stages/cache_activations.py",
+        "src/pruneflow/activations.py",
+        "src/pruneflow/tensor_files.py",
+    ],
     "score": [
         "src/pruneflow/stages/score.py",
         "src/pruneflow/groups.py",
+        "src/pruneflow/tensor_files.py",
         *sorted(str(p) for p in Path(workflow.basedir, "src/pruneflow/importance").glob("*.py")),
     ],
     "prune": [
