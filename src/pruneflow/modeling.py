@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -35,8 +36,6 @@ class ModelSource:
 
 def _check_config_architecture(folder: Path, what: str) -> None:
     """Refuse an unsupported architecture from config.json alone, before any weights are read."""
-    import json
-
     try:
         architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
@@ -123,8 +122,6 @@ def load_source(source: ModelSource, *, revision: str | None = None, dtype: torc
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load a tokenizer from {source.location!r}: {exc}") from exc
     if source.kind == "local":  # checked on config.json, before the weights are read
-        import json
-
         config = json.loads((Path(source.location) / "config.json").read_text())
         _check_vocabulary(tokenizer, config.get("vocab_size"), repr(source.location))
     try:
