@@ -266,12 +266,16 @@ def test_zeroshot_file_with_a_wrong_schema(workdir, capsys):
 # ---------------------------------------------------------------------- broken artifacts (real loads)
 
 
+def _edit_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def _model_copy(root, relative: str, **config_changes):
     folder = root / relative
     shutil.copytree(root / "models/tiny-llama", folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(config_changes)
-    (folder / "config.json").write_text(json.dumps(config))
+    _edit_config(folder, **config_changes)
     return folder
 
 
@@ -313,40 +317,38 @@ def test_broken_model_weights(artifacts, capsys, damage):
     assert _untouched(out)
 
 
-def test_truncated_scores_file(artifacts, capsys):
-    _truncate(artifacts / "data/scores/l2_magnitude.safetensors")
-    out = _sentinel(artifacts / "data/pruned/l2_magnitude/0.2")
-    err = _run_stage("prune", ["--model", "data/models/dense", "--scores", "data/scores/l2_magnitude.safetensors",
-                               "--activations", "a", "--criterion", "l2_magnitude", "--ratio", "0.2",
-                               "--out", str(out)], capsys)
-    assert "scores file 'data/scores/l2_magnitude.safetensors' is not a readable safetensors file" in err
+PRUNE_L2 = ["prune", "--model", "data/models/dense", "--scores", "data/scores/l2_magnitude.safetensors",
+            "--activations", "a", "--ratio", "0.2"]
+
+
+@pytest.mark.parametrize(
+    ("damaged", "command", "output", "expected"),
+    [
+        ("data/scores/l2_magnitude.safetensors", [*PRUNE_L2, "--criterion", "l2_magnitude"],
+         "data/pruned/l2_magnitude/0.2",
+         "scores file 'data/scores/l2_magnitude.safetensors' is not a readable safetensors file"),
+        ("data/activations/activations.safetensors", ["score", "--model", "data/models/dense", *SCORE_ARGS,
+                                                      "--criterion", "wanda_sp"], "data/scores/wanda_sp.safetensors",
+         "activation cache 'data/activations/activations.safetensors' is not a readable safetensors file"),
+        ("data/calibration/calibration.safetensors", ["score", "--model", "data/models/dense", *SCORE_ARGS,
+                                                      "--criterion", "taylor_element1"],
+         "data/scores/taylor_element1.safetensors",
+         "calibration file 'data/calibration/calibration.safetensors' is unreadable"),
+    ],
+    ids=["scores", "activations", "calibration"],
+)
+def test_truncated_intermediate_file(artifacts, capsys, damaged, command, output, expected):
+    _truncate(artifacts / damaged)
+    out = _sentinel(artifacts / output)
+    err = _run_stage(command[0], [*command[1:], "--out", str(out)], capsys)
+    assert expected in err
     assert _untouched(out)
 
 
 def test_scores_of_another_criterion(artifacts, capsys):
     out = _sentinel(artifacts / "data/pruned/taylor_element1/0.2")
-    err = _run_stage("prune", ["--model", "data/models/dense", "--scores", "data/scores/l2_magnitude.safetensors",
-                               "--activations", "a", "--criterion", "taylor_element1", "--ratio", "0.2",
-                               "--out", str(out)], capsys)
+    err = _run_stage("prune", [*PRUNE_L2[1:], "--criterion", "taylor_element1", "--out", str(out)], capsys)
     assert "holds criterion 'l2_magnitude', not --criterion='taylor_element1'" in err
-    assert _untouched(out)
-
-
-def test_truncated_activation_cache(artifacts, capsys):
-    _truncate(artifacts / "data/activations/activations.safetensors")
-    out = _sentinel(artifacts / "data/scores/wanda_sp.safetensors")
-    err = _run_stage("score", ["--model", "data/models/dense", *SCORE_ARGS, "--criterion", "wanda_sp",
-                               "--out", str(out)], capsys)
-    assert "activation cache 'data/activations/activations.safetensors' is not a readable safetensors file" in err
-    assert _untouched(out)
-
-
-def test_truncated_calibration_file(artifacts, capsys):
-    _truncate(artifacts / "data/calibration/calibration.safetensors")
-    out = _sentinel(artifacts / "data/scores/taylor_element1.safetensors")
-    err = _run_stage("score", ["--model", "data/models/dense", *SCORE_ARGS, "--criterion", "taylor_element1",
-                               "--out", str(out)], capsys)
-    assert "calibration file 'data/calibration/calibration.safetensors' is unreadable" in err
     assert _untouched(out)
 
 
@@ -360,9 +362,7 @@ def test_tokenizer_of_another_model_as_source(artifacts, capsys):
 
 
 def test_tokenizer_swapped_in_a_model_folder(artifacts, capsys):
-    config = json.loads((artifacts / "data/models/dense/config.json").read_text())
-    config["vocab_size"] = 64
-    (artifacts / "data/models/dense/config.json").write_text(json.dumps(config))
+    _edit_config(artifacts / "data/models/dense", vocab_size=64)
     out = _sentinel(artifacts / "data/calibration/calibration.safetensors")
     err = _run_stage("calibrate", ["--model", "data/models/dense", "--out", str(out)], capsys)
     assert "the tokenizer of model folder 'data/models/dense' has" in err and "do not belong together" in err
@@ -370,9 +370,7 @@ def test_tokenizer_swapped_in_a_model_folder(artifacts, capsys):
 
 
 def test_unsupported_architecture_in_a_model_folder(artifacts, capsys):
-    config = json.loads((artifacts / "data/models/dense/config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
-    (artifacts / "data/models/dense/config.json").write_text(json.dumps(config))
+    _edit_config(artifacts / "data/models/dense", architectures=["GPT2LMHeadModel"])
     out = _sentinel(artifacts / "data/scores/taylor_element1.safetensors")
     err = _run_stage("score", ["--model", "data/models/dense", *SCORE_ARGS, "--criterion", "taylor_element1",
                                "--out", str(out)], capsys)

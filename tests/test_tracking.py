@@ -322,22 +322,26 @@ def _concurrent_stage(project: str, invocation: str, stage: str, barrier, result
     results.put((stage, run.run_id, run.parent_run_id, err.getvalue()))
 
 
+def _run_stages_at_once(project: Path, jobs: list[tuple[str, str]]) -> list[tuple]:
+    """Start one spawned worker per (invocation, stage), released together; their outcomes."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
+    workers = [ctx.Process(target=_concurrent_stage, args=(str(project), invocation, stage, barrier, results))
+               for invocation, stage in jobs]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=180) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    return outcomes
+
+
 def test_two_processes_share_one_parent_in_one_sqlite_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # a fresh store: both workers race to create it
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    workers = [
-        ctx.Process(target=_concurrent_stage, args=(str(tmp_path), "inv-g", stage, barrier, results))
-        for stage in ("score_a", "score_b")
-    ]
-    for worker in workers:
-        worker.start()
-    outcomes = [results.get(timeout=120) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    outcomes = _run_stages_at_once(tmp_path, [("inv-g", "score_a"), ("inv-g", "score_b")])
 
     by_stage = {stage: (run_id, parent_id, err) for stage, run_id, parent_id, err in outcomes}
     assert set(by_stage) == {"score_a", "score_b"}
@@ -360,17 +364,8 @@ def test_two_invocations_at_once_keep_separate_parents_in_one_store(
 ) -> None:
     """Two pipeline runs (two users, or snakemake and dvc) write one fresh store at the same moment."""
     monkeypatch.chdir(tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    jobs = [(invocation, stage) for invocation in ("inv-1", "inv-2") for stage in ("score", "prune")]
-    workers = [ctx.Process(target=_concurrent_stage, args=(str(tmp_path), invocation, f"{stage}@{invocation}",
-                                                          barrier, results)) for invocation, stage in jobs]
-    for worker in workers:
-        worker.start()
-    outcomes = [results.get(timeout=180) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    outcomes = _run_stages_at_once(tmp_path, [(invocation, f"{stage}@{invocation}") for invocation in ("inv-1", "inv-2")
+                                              for stage in ("score", "prune")])
     assert all("MLflow tracking failed" not in err for *_, err in outcomes)
 
     runs = _runs(MlflowParams())
