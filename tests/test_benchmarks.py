@@ -84,3 +84,22 @@ def test_pipeline_benchmark_report_compares_the_same_work():
     assert "pruneflow **0.2 min**, reference **1.0 min**" in text  # dense evaluation is not the same work
     assert "Snakemake planned: recover x1, report x1" in text
     assert "| reference pruned | 130.00 | 160.00 | - |" in text and "no GPU on this machine" in text
+
+
+def test_determinism_benchmark_finds_no_drift_on_the_cpu(tmp_path, monkeypatch):
+    from .tiny_project import make_tiny_project, run_stages_in_process, set_param
+
+    determinism = _load("determinism")
+    root = make_tiny_project(tmp_path / "project")
+    set_param(root, "mlflow.enabled", False)
+    set_param(root, "score.mi_tokens", 32)
+    run_stages_in_process(root, criteria=[], ratio=0.3)  # dense model, calibration, activations
+    monkeypatch.chdir(root)
+    assert determinism.main(["--criteria", "taylor_element1", "mutual_information", "--ratio", "0.3",
+                             "--out", str(tmp_path / "det")]) == 0
+    rows = json.loads((tmp_path / "det.json").read_text())["rows"]
+    assert [r["criterion"] for r in rows] == ["taylor_element1", "mutual_information"]
+    for row in rows:
+        assert row["same_groups_removed"]
+        assert row["max_abs_score_diff"] == row["max_abs_logit_diff"] == 0.0
+    assert "| taylor_element1 | 0 | 0 | yes | 0 |" in (tmp_path / "det.md").read_text()
