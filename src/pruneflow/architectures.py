@@ -29,6 +29,12 @@ class LayerShape:
         return asdict(self)
 
 
+def unsupported_architecture(config: dict) -> str | None:
+    """The architecture a raw config.json names when it is not one we support (None when fine or unnamed)."""
+    architectures = config.get("architectures") or []
+    return architectures[0] if architectures and architectures[0] not in SUPPORTED_ARCHITECTURES else None
+
+
 def check_supported(model: nn.Module) -> None:
     """Fail clearly on an architecture whose block layout we have not verified."""
     name = type(model).__name__

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import os
 import shutil
@@ -95,17 +96,13 @@ def stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
         return []
     host = _host()
     stale = []
-    for sibling in target.parent.glob(f".{glob_escape(target.name)}.*"):
+    for sibling in target.parent.glob(f".{glob.escape(target.name)}.*"):
         rest = sibling.name[len(target.name) + 2:].split(".")
         if len(rest) != 4 or rest[3] not in ("tmp", "old") or rest[0] != host or not rest[1].isdigit():
             continue
         if int(rest[1]) != os.getpid() and not _alive(int(rest[1])):
             stale.append(sibling)
     return stale
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _sweep(target: Path) -> None:

@@ -25,6 +25,7 @@ from pruneflow.architectures import (
     head_dim,
     layer_shapes,
     set_layer_shape,
+    unsupported_architecture,
 )
 from pruneflow.errors import ModelError
 
@@ -106,10 +107,10 @@ def _model_class(path: Path):
     if not path.is_dir():
         raise ModelError(f"model folder {str(path)!r} does not exist")
     raw = read_config_dict(path)
-    architectures = raw.get("architectures") or []
-    if architectures and architectures[0] not in SUPPORTED_ARCHITECTURES:
+    unsupported = unsupported_architecture(raw)
+    if unsupported:
         raise ModelError(
-            f"architecture {architectures[0]!r} in {path}/config.json is not supported; supported: "
+            f"architecture {unsupported!r} in {path}/config.json is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     try:

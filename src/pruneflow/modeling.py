@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruneflow.architectures import SUPPORTED_ARCHITECTURES, check_supported
+from pruneflow.architectures import SUPPORTED_ARCHITECTURES, check_supported, unsupported_architecture
 from pruneflow.config import EMBEDDED_SMOLLM2
 from pruneflow.errors import ModelError
 
@@ -36,12 +35,11 @@ class ModelSource:
 
 def _check_config_architecture(folder: Path, what: str) -> None:
     """Refuse an unsupported architecture from config.json alone, before any weights are read."""
-    try:
-        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise ModelError(f"{what}: {folder / 'config.json'} is not a valid JSON config: {exc}") from None
-    if architectures and architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ModelError(f"{what} is a {architectures[0]!r} model, which is not supported; supported: "
+    from pruneflow.checkpoint import read_config_dict
+
+    unsupported = unsupported_architecture(read_config_dict(folder))
+    if unsupported:
+        raise ModelError(f"{what} is a {unsupported!r} model, which is not supported; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
@@ -122,8 +120,9 @@ def load_source(source: ModelSource, *, revision: str | None = None, dtype: torc
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load a tokenizer from {source.location!r}: {exc}") from exc
     if source.kind == "local":  # checked on config.json, before the weights are read
-        config = json.loads((Path(source.location) / "config.json").read_text())
-        _check_vocabulary(tokenizer, config.get("vocab_size"), repr(source.location))
+        from pruneflow.checkpoint import read_config_dict
+
+        _check_vocabulary(tokenizer, read_config_dict(source.location).get("vocab_size"), repr(source.location))
     try:
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as exc:

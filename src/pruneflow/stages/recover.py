@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_file(args.model, "model folder")
     offline_by_default()
 
-    from pruneflow.checkpoint import model_skeleton, read_config_dict
+    from pruneflow.checkpoint import model_skeleton
     from pruneflow.errors import ConfigError
     from pruneflow.recovery import (
         check_lora_targets,
@@ -39,8 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     # settings that do not fit this model fail on its shapes alone, before data or weights are read
-    check_lora_targets(model_skeleton(args.model), cfg)
-    positions = read_config_dict(args.model).get("max_position_embeddings")
+    skeleton = model_skeleton(args.model)
+    check_lora_targets(skeleton, cfg)
+    positions = getattr(skeleton.config, "max_position_embeddings", None)
     if positions and cfg.cutoff_len > positions:
         raise ConfigError(f"recover.cutoff_len={cfg.cutoff_len} is not allowed for this model; allowed: "
                           f"an integer <= max_position_embeddings={positions} of {args.model}/config.json")
