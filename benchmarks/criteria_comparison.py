@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from pruneflow.atomic import write_json, write_text
 from pruneflow.config import load_params
+from pruneflow.pipeline.atomic import write_json, write_text
 
 HERE = Path(__file__).resolve().parent
 # a reference row counts only when it lands within this fraction of our parameter count
@@ -422,7 +422,7 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pruneflow.atomic import atomic_path
+    from pruneflow.pipeline.atomic import atomic_path
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 5))
     methods = sorted({r["method"] for r in payload["rows"] if r["method"] != "dense"})

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from pruneflow.atomic import write_json, write_text
 from pruneflow.checkpoint import load_pruned
 from pruneflow.config import load_params
 from pruneflow.importance import ScoringInputs, get_criterion
+from pruneflow.pipeline.atomic import write_json, write_text
 from pruneflow.pruning import apply_pruning, plan_pruning
 from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
 from pruneflow.stages.calibrate import load_calibration

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from pruneflow.architectures import count_parameters, decoder_layers, layer_shapes
-from pruneflow.atomic import write_json, write_text
 from pruneflow.checkpoint import load_pruned
 from pruneflow.efficiency import macs_per_token, measure_efficiency, random_token_ids, synchronize
+from pruneflow.pipeline.atomic import write_json, write_text
 from pruneflow.runtime import resolve_device, resolve_dtype
 
 TARGET_SPEEDUP = 1.15  # issue 5: at 20% removed, batch-16 throughput vs dense (H100)

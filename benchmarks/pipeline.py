@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
-from pruneflow.atomic import write_json, write_text
 from pruneflow.config import format_ratio, params_from_mapping
 from pruneflow.errors import ConfigError
+from pruneflow.pipeline.atomic import write_json, write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from table1 import (  # noqa: E402

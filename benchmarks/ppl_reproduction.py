@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from pruneflow.atomic import write_json, write_text
 from pruneflow.checkpoint import load_pruned
 from pruneflow.config import EMBEDDED_SMOLLM2
 from pruneflow.modeling import load_source, load_tokenizer, resolve_source
 from pruneflow.perplexity import perplexity, tokenize_text
+from pruneflow.pipeline.atomic import write_json, write_text
 from pruneflow.runtime import resolve_device
 from pruneflow.text_data import PPL_SOURCES, evaluation_text
 

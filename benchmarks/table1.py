@@ -31,10 +31,10 @@ from typing import Any
 
 import yaml
 
-from pruneflow.atomic import write_text
 from pruneflow.config import ZEROSHOT_TASKS, params_from_mapping
 from pruneflow.errors import ConfigError
 from pruneflow.importance import CRITERIA
+from pruneflow.pipeline.atomic import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 LINKED = ("Snakefile", "workflow", "src", "dvc.yaml")

@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pruneflow.atomic import write_json
+from pruneflow.pipeline.atomic import write_json
 
 TORCH_PRUNING_PIN = "torch-pruning==1.6.1"
 DEFAULT_TIME_LIMIT_S = 600.0
@@ -539,7 +539,7 @@ def run_child(spec_path: Path) -> None:
     progress("attributes fixed", f"{len(changes)} attribute changes; forward ok")
 
     model_dir = out_dir / "model"
-    from pruneflow.atomic import atomic_dir
+    from pruneflow.pipeline.atomic import atomic_dir
 
     with atomic_dir(model_dir) as tmp:
         save_pruned(model, tmp)

@@ -51,7 +51,7 @@ def _install(module):
 
 class _PatchAtomicOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "pruneflow.atomic":
+        if name != "pruneflow.pipeline.atomic":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

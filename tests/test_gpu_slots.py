@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pruneflow.gpu_slots import acquire_slot, available_devices, scheduler_assigns_devices
+from pruneflow.pipeline.gpu_slots import acquire_slot, available_devices, scheduler_assigns_devices
 
 RECORDER = textwrap.dedent("""
     import json, os, sys, time
@@ -31,7 +31,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _slot_command(lock_dir: Path, *command: str) -> list[str]:
-    return [sys.executable, "-m", "pruneflow.gpu_slots", "--lock-dir", str(lock_dir), "--", *command]
+    return [sys.executable, "-m", "pruneflow.pipeline.gpu_slots", "--lock-dir", str(lock_dir), "--", *command]
 
 
 def _no_overlap_per_device(records: list[dict]) -> None:
@@ -97,7 +97,7 @@ def test_device_list_sources():
 
 
 def test_missing_command_is_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "pruneflow.gpu_slots", "--"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pruneflow.pipeline.gpu_slots", "--"], capture_output=True, text=True)
     assert out.returncode == 2 and "COMMAND is missing" in out.stderr
 
 
@@ -108,7 +108,7 @@ rule all:
 rule gpu_job:
     output: "out/job{i}.json"
     resources: gpu=1
-    shell: "python -m pruneflow.gpu_slots --lock-dir locks -- python {RECORDER} {output} 1.0"
+    shell: "python -m pruneflow.pipeline.gpu_slots --lock-dir locks -- python {RECORDER} {output} 1.0"
 """
 
 

@@ -111,7 +111,7 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     # sees them as up to date: the checkout dates them in pipeline order
     shutil.rmtree(root / "data/pruned/taylor_element1/0.3")
     (root / "data/scores/l2_magnitude.safetensors").unlink()
-    run(["python", "-m", "pruneflow.versioning", "checkout"], root)
+    run(["python", "-m", "pruneflow.pipeline.versioning", "checkout"], root)
     assert (root / "data/pruned/taylor_element1/0.3/config.json").is_file()
     assert snakemake_planned_jobs(root) == {}
     assert "up to date" in run(["dvc", "status"], root).stdout

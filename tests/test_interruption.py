@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pruneflow import atomic
-from pruneflow.atomic import atomic_dir, atomic_path, stale_temporaries
+from pruneflow.pipeline import atomic
+from pruneflow.pipeline.atomic import atomic_dir, atomic_path, stale_temporaries
 
 from .kill_hook import kill_hook_env, tree_bytes, visible_entries
 from .tiny_project import make_tiny_project, project_env, run_stages_in_process, set_param
@@ -42,7 +42,7 @@ def test_sigkill_while_writing_keeps_the_earlier_result_and_the_next_write_clean
     writer = ("with atomic_path(target) as tmp:\n    tmp.write_bytes(b'new' * 10000)" if kind == "file" else
               "with atomic_dir(target) as tmp:\n    (tmp / 'weights.bin').write_bytes(b'new' * 10000)")
     env = kill_hook_env(tmp_path / "hook", str(target), pythonpath=str(Path(atomic.__file__).parents[1]))
-    child = _child(f"from pathlib import Path\nfrom pruneflow.atomic import atomic_dir, atomic_path\n"
+    child = _child(f"from pathlib import Path\nfrom pruneflow.pipeline.atomic import atomic_dir, atomic_path\n"
                    f"target = Path({str(target)!r})\n{writer}\n", env, tmp_path)
     assert child.returncode == KILLED, child.stderr
     assert tree_bytes(target) == before, "the earlier result must survive the kill untouched"

@@ -1,4 +1,4 @@
-"""pruneflow.tracking: parent/nested runs per invocation, and tracking that never breaks a stage.
+"""pruneflow.pipeline.tracking: parent/nested runs per invocation, and tracking that never breaks a stage.
 
 One sqlite store is shared by most tests (creating it runs MLflow's migrations, seconds); each test
 gets its own experiment so counts stay exact. The concurrency test uses a fresh store on purpose:
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from pruneflow import tracking
 from pruneflow.config import MlflowParams
-from pruneflow.tracking import (
+from pruneflow.pipeline import tracking
+from pruneflow.pipeline.tracking import (
     INVOCATION_ENV,
     ProcessInfo,
     describe_ui,
@@ -295,7 +295,7 @@ def test_disabled_tracking_never_touches_mlflow(
 
 
 def test_importing_tracking_does_not_import_mlflow() -> None:
-    code = "import sys, pruneflow.tracking; print(sorted(m for m in sys.modules if m.startswith('mlflow')))"
+    code = "import sys, pruneflow.pipeline.tracking; print(sorted(m for m in sys.modules if m.startswith('mlflow')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -578,7 +578,7 @@ def test_stage_runs_reach_a_tracking_server_with_input_hashes(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pruneflow.versioning import dvc_hash
+    from pruneflow.pipeline.versioning import dvc_hash
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(INVOCATION_ENV, "inv-server")

@@ -1,4 +1,4 @@
-"""pruneflow.versioning: DVC-compatible hashes, recording Snakemake-built outputs, ordered checkout.
+"""pruneflow.pipeline.versioning: DVC-compatible hashes, recording Snakemake-built outputs, ordered checkout.
 
 A toy DVC project (two stages made of shell commands, no model) keeps these tests to seconds; the
 integration test runs the same commands on the real pipeline.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pruneflow.versioning import checkout, commit_built_stages, dvc_hash, order_output_times
+from pruneflow.pipeline.versioning import checkout, commit_built_stages, dvc_hash, order_output_times
 
 pytestmark = pytest.mark.skipif(shutil.which("dvc") is None, reason="dvc is not installed")
 
@@ -120,7 +120,7 @@ def test_order_output_times_skips_missing_outputs(toy_project: Path) -> None:
 
 def test_cli_commit_reads_built_outputs_from_stdin(toy_project: Path) -> None:
     _build_like_snakemake(toy_project)
-    done = subprocess.run([sys.executable, "-m", "pruneflow.versioning", "commit", "--outputs-file", "-"],
+    done = subprocess.run([sys.executable, "-m", "pruneflow.pipeline.versioning", "commit", "--outputs-file", "-"],
                           cwd=toy_project, input="out/folder\nout/summary.txt\n", text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert done.returncode == 0, done.stdout
@@ -131,6 +131,6 @@ def test_cli_commit_reads_built_outputs_from_stdin(toy_project: Path) -> None:
 def test_cli_outside_a_dvc_project_says_so(tmp_path: Path) -> None:
     listing = tmp_path / "built.txt"
     listing.write_text("out\n")
-    done = subprocess.run([sys.executable, "-m", "pruneflow.versioning", "commit", "--outputs-file", str(listing)],
+    done = subprocess.run([sys.executable, "-m", "pruneflow.pipeline.versioning", "commit", "--outputs-file", str(listing)],
                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert done.returncode == 2 and "is not a DVC project" in done.stdout

@@ -101,7 +101,7 @@ def test_same_commands_for_the_default_grid(dvc_stages):
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), check=True,
     ).stdout
     prefix = "Shell command: "
-    slot = "python -m pruneflow.gpu_slots -- "  # Snakemake runs GPU jobs in parallel; DVC runs one at a time
+    slot = "python -m pruneflow.pipeline.gpu_slots -- "  # Snakemake runs GPU jobs in parallel; DVC runs one at a time
     lines = [line.strip().removeprefix(prefix) for line in out.splitlines()]
     lines = [line for line in lines if line.startswith(("python -m pruneflow.stages.", slot))]
     snake_cmds = sorted(LOG_REDIRECT.sub("", line.removeprefix(slot)) for line in lines)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pruneflow.atomic import atomic_path
+from pruneflow.pipeline.atomic import atomic_path
 
 METADATA_KEY = "pruneflow"
 

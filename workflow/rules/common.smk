@@ -139,7 +139,7 @@ def stage_command(stage, args):
 
 # GPU rules start through the slot allocator: each concurrent GPU job gets its own device
 # (CUDA_VISIBLE_DEVICES); it steps aside on CPU-only machines and under SLURM / Kubernetes.
-GPU_SLOT_PREFIX = "python -m pruneflow.gpu_slots -- "
+GPU_SLOT_PREFIX = "python -m pruneflow.pipeline.gpu_slots -- "
 
 
 def gpu_stage_command(stage, args):
@@ -147,7 +147,7 @@ def gpu_stage_command(stage, args):
 
 
 # One MLflow parent run per pipeline invocation: every stage job inherits this id.
-from pruneflow.tracking import INVOCATION_ENV, finish_invocation, new_invocation_id  # noqa: E402
+from pruneflow.pipeline.tracking import INVOCATION_ENV, finish_invocation, new_invocation_id  # noqa: E402
 
 os.environ.setdefault(INVOCATION_ENV, new_invocation_id())
 
@@ -160,14 +160,14 @@ def record_in_dvc():
     """
     import subprocess
 
-    from pruneflow.versioning import DISABLE_ENV, is_dvc_project
+    from pruneflow.pipeline.versioning import DISABLE_ENV, is_dvc_project
 
     if os.environ.get(DISABLE_ENV, "1").lower() in ("0", "off", "false", "no") or not is_dvc_project("."):
         return
     try:
         outputs = sorted({str(path) for job in workflow.dag.jobs for path in job.output})
         done = subprocess.run(
-            [sys.executable, "-m", "pruneflow.versioning", "commit", "--outputs-file", "-"],
+            [sys.executable, "-m", "pruneflow.pipeline.versioning", "commit", "--outputs-file", "-"],
             input="\n".join(outputs) + "\n", text=True, check=False,
         )
         if done.returncode != 0:

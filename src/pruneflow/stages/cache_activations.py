@@ -27,9 +27,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.activations import collect_activation_stats
     from pruneflow.checkpoint import load_pruned
+    from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
     from pruneflow.tensor_files import save_tensors
-    from pruneflow.tracking import stage_run
 
     ids = load_calibration(args.calibration)
     seed_everything(params.seed)

@@ -28,8 +28,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = read_rows(cfg.source, "calibration.source")
     tokenizer = load_tokenizer(args.model)
 
+    from pruneflow.pipeline.tracking import stage_run
     from pruneflow.tensor_files import save_tensors
-    from pruneflow.tracking import stage_run
 
     tracked = stage_params(params, "seed", "calibration")
     with stage_run(STAGE, settings=params.mlflow, params=tracked,

@@ -87,13 +87,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     offline_by_default()
 
     from pruneflow.architectures import count_parameters
-    from pruneflow.atomic import write_json
     from pruneflow.checkpoint import load_pruned
     from pruneflow.efficiency import measure_efficiency
     from pruneflow.perplexity import perplexity, tokenize_text
+    from pruneflow.pipeline.atomic import write_json
+    from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step
     from pruneflow.text_data import evaluation_text
-    from pruneflow.tracking import stage_run
     from pruneflow.zeroshot import HEADLINE_METRIC, evaluate_zeroshot, zeroshot_average
 
     seed_everything(params.seed)

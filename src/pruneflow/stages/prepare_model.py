@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pruneflow.atomic import atomic_dir
 from pruneflow.config import load_params, stage_params
+from pruneflow.pipeline.atomic import atomic_dir
 from pruneflow.stages.cli import command_line, parser_for, run_cli
 
 STAGE = "prepare_model"
@@ -25,8 +25,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.architectures import count_parameters, layer_shapes
     from pruneflow.checkpoint import save_pruned
+    from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import step, write_chain
-    from pruneflow.tracking import stage_run
 
     tracked = stage_params(params, "model")
     with stage_run(STAGE, settings=params.mlflow, params=tracked) as run:

@@ -47,11 +47,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     from pruneflow.architectures import count_parameters, layer_shapes
-    from pruneflow.atomic import atomic_dir
     from pruneflow.modeling import load_tokenizer
+    from pruneflow.pipeline.atomic import atomic_dir
+    from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step, write_chain
     from pruneflow.pruning import add_compensation_biases, apply_pruning, compensation_biases, plan_pruning
-    from pruneflow.tracking import stage_run
 
     activations = None
     if compensate:

@@ -53,10 +53,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from pruneflow.architectures import count_parameters
-    from pruneflow.atomic import atomic_dir
     from pruneflow.checkpoint import load_pruned, save_pruned
+    from pruneflow.pipeline.atomic import atomic_dir
+    from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step, write_chain
-    from pruneflow.tracking import stage_run
 
     tokenizer = load_tokenizer(args.model)
     train_tokens = tokenize_for_training(train, tokenizer, cutoff_len=cfg.cutoff_len,

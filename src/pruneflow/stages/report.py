@@ -20,8 +20,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
 
-    from pruneflow.atomic import atomic_dir, atomic_path, write_text
     from pruneflow.errors import DataError
+    from pruneflow.pipeline.atomic import atomic_dir, atomic_path, write_text
+    from pruneflow.pipeline.tracking import finish_invocation, stage_run
     from pruneflow.reporting import (
         efficiency_table,
         expected_model_ids,
@@ -34,7 +35,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         results_frame,
         setting_lines,
     )
-    from pruneflow.tracking import finish_invocation, stage_run
 
     wanted = expected_model_ids(params.grid)
     missing = [m for m in wanted if not metrics_path(args.metrics_dir, m).is_file()]

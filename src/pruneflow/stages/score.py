@@ -36,8 +36,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.activations import load_activation_stats
     from pruneflow.checkpoint import load_pruned
     from pruneflow.importance import ScoringInputs
+    from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
-    from pruneflow.tracking import stage_run
 
     activations = None
     if criterion.needs_activations:

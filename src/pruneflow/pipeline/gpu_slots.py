@@ -101,7 +101,7 @@ def run_in_slot(command: Sequence[str], *, lock_dir: str | os.PathLike[str] = DE
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pruneflow.gpu_slots",
+        prog="python -m pruneflow.pipeline.gpu_slots",
         description="Run COMMAND on a GPU no other pruneflow job holds (CUDA_VISIBLE_DEVICES), or as is.",
     )
     parser.add_argument("--lock-dir", default=DEFAULT_LOCK_DIR)
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        parser.error("COMMAND is missing; usage: python -m pruneflow.gpu_slots [--lock-dir DIR] -- COMMAND ...")
+        parser.error("COMMAND is missing; usage: python -m pruneflow.pipeline.gpu_slots [--lock-dir DIR] -- COMMAND ...")
     run_in_slot(command, lock_dir=args.lock_dir)
 
 

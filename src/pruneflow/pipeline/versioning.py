@@ -148,7 +148,7 @@ def checkout(root: str | Path, targets: Sequence[str] = ()) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pruneflow.versioning", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pruneflow.pipeline.versioning", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commit = commands.add_parser("commit", help="record Snakemake-built outputs in dvc.lock")
     commit.add_argument("--outputs-file", required=True,
