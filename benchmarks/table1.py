@@ -1,7 +1,7 @@
 """LLM-Pruner's Table 1 for one model, produced by the pipeline itself, plus what each stage cost.
 
 Runs the real Snakemake DAG in a separate work directory (its own params.yaml = the project's with
-the grid and any `--set` overrides applied; Snakefile, workflow/, src/ and data/raw linked, never
+the grid and any `--set` overrides applied; workflow/, src/ and data/raw linked, never
 copied), so the project's own outputs are untouched, then copies the report (results.md/csv, plots,
 every metrics.json) into OUT_DIR and writes OUT_DIR/README.md with the command, the device, the
 per-stage wall times Snakemake recorded, and the evaluation / recovery costs extrapolated to the
@@ -37,7 +37,7 @@ from pruneflow.importance import CRITERIA
 from pruneflow.pipeline.atomic import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-LINKED = ("Snakefile", "workflow", "src", "dvc.yaml")
+LINKED = ("workflow", "src", "dvc.yaml")
 # what every benchmark subprocess runs with: offline, quiet tokenizers, no DVC analytics
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "DVC_NO_ANALYTICS": "1"}

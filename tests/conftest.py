@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# dvc.yaml as committed, read before any test runs `snakemake` in the project (which refreshes it)
+DVC_YAML_AT_START = (PROJECT_ROOT / "dvc.yaml").read_text()
 
 
 @pytest.fixture(scope="session")

@@ -376,3 +376,17 @@ def test_unsupported_architecture_in_a_model_folder(artifacts, capsys):
                                "--out", str(out)], capsys)
     assert "architecture 'GPT2LMHeadModel' in data/models/dense/config.json is not supported" in err
     assert _untouched(out)
+
+
+@pytest.mark.parametrize("override", [["--config", "seed=3"], ["--configfile", "other.yaml"]])
+def test_snakemake_refuses_config_overrides(project, tmp_path, override):
+    """Every stage and `dvc repro` read params.yaml: an override only Snakemake would see is refused."""
+    root = tmp_path / "p"
+    shutil.copytree(project, root)
+    (root / "other.yaml").write_text("seed: 3\n")
+    sentinel = _sentinel(root / "data/models/dense")
+    result = run(["snakemake", "--cores", "1", *override], root, check=False)
+    assert result.returncode != 0
+    assert f"pruneflow plan: error: {override[0]} " in result.stdout
+    assert "is not allowed; allowed: settings in params.yaml" in result.stdout
+    assert _untouched(sentinel) and not (root / "logs").exists()

@@ -1,6 +1,10 @@
 """A second `dvc repro` or `snakemake` in a project where one already runs refuses with a clear message
 and leaves the first run and its outputs intact. (Two jobs on the GPUs: test_gpu_slots.py; two
-pipelines writing one MLflow store: test_tracking.py.)"""
+pipelines writing one MLflow store: test_tracking.py.)
+
+No timing windows: the first run is held at a known point (a stage waiting for a `release` file, or
+the pause hook right before a job puts its output in place) and the tests wait on that state.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +14,33 @@ from pathlib import Path
 
 import pytest
 
+from .kill_hook import pause_hook_env
 from .tiny_project import make_tiny_project, project_env, run, set_param
 
-SLOW_STAGE = (
-    "python -c \"import pathlib, time; pathlib.Path('started').write_text('1'); time.sleep(8); "
-    "pathlib.Path('out.txt').write_text('done')\""
-)
+HELD_STAGE = """\
+import pathlib, time
+pathlib.Path("started").write_text("1")
+while not pathlib.Path("release").exists():
+    time.sleep(0.05)
+pathlib.Path("out.txt").write_text("done")
+"""
 
 
-def _wait_for(condition, what: str, timeout: float = 120) -> None:
+def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    """Wait for a state (not a duration); fail at once if the process it depends on has ended."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the first run ended (status {process.returncode}) before {what}:\n"
+                                 + (process.stdout.read() if process.stdout else ""))
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
-def _start(cmd: list[str], root: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+def _start(cmd: list[str], root: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=root, env={**project_env(root), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def test_second_dvc_repro_fails_clearly_while_the_first_holds_the_lock(tmp_path):
@@ -36,36 +48,46 @@ def test_second_dvc_repro_fails_clearly_while_the_first_holds_the_lock(tmp_path)
     root.mkdir()
     run(["git", "init", "-q"], root)
     run(["dvc", "init", "-q"], root)
-    (root / "dvc.yaml").write_text(f"stages:\n  slow:\n    cmd: {SLOW_STAGE}\n    outs:\n      - out.txt\n")
+    (root / "held.py").write_text(HELD_STAGE)
+    (root / "dvc.yaml").write_text("stages:\n  held:\n    cmd: python held.py\n    outs:\n      - out.txt\n")
     first = _start(["dvc", "repro"], root)
     try:
-        _wait_for(lambda: (root / "started").exists(), "the first repro to start its stage")
+        _wait_for(lambda: (root / "started").exists(), "its stage started", first)
         second = run(["dvc", "repro"], root, check=False)
         assert second.returncode != 0
         # DVC names the busy output and the process holding it
         assert "is busy, it is being blocked by" in second.stdout, second.stdout
         assert f"(PID {first.pid})" in second.stdout and "dvc repro" in second.stdout
+        (root / "release").write_text("go")
         assert first.wait(timeout=120) == 0, first.stdout.read()
     finally:
+        (root / "release").write_text("go")
         first.kill()
     assert (root / "out.txt").read_text() == "done"
     assert "up to date" in run(["dvc", "status"], root).stdout  # the lock file and dvc.lock are intact
 
 
 @pytest.mark.integration
-def test_second_snakemake_fails_clearly_while_the_first_runs(tmp_path):
+def test_second_snakemake_is_refused_with_the_lock_message_while_the_first_runs(tmp_path):
     root = make_tiny_project(tmp_path / "project")
     set_param(root, "mlflow.enabled", False)
-    first = _start(["snakemake", "data/calibration/calibration.safetensors", "--cores", "1"], root)
+    target = "data/calibration/calibration.safetensors"
+    hook = pause_hook_env(tmp_path / "hook", str(root / target), pythonpath=str(root / "src"))
+    first = _start(["snakemake", target, "--cores", "1"], root, hook)
     try:
-        _wait_for(lambda: any((root / ".snakemake/locks").glob("*")) if (root / ".snakemake/locks").is_dir()
-                  else False, "the first snakemake to lock the project")
-        second = run(["snakemake", "data/calibration/calibration.safetensors", "--cores", "1"], root, check=False)
+        # the first run's calibrate job is about to put its output in place (its incomplete marker is set)
+        _wait_for(lambda: (tmp_path / "hook/paused").exists(), "its calibrate job reached the output", first)
+        second = run(["snakemake", target, "--cores", "1"], root, check=False)
         assert second.returncode != 0
-        assert "Directory cannot be locked" in second.stdout
+        assert "Directory cannot be locked" in second.stdout, second.stdout
+        assert f"another `snakemake` runs in this project (PID {first.pid}" in second.stdout
+        assert "Incomplete" not in second.stdout and "--rerun-incomplete" not in second.stdout
+        dry = run(["snakemake", target, "--cores", "1", "--dry-run"], root, check=False)  # looking is fine
+        assert dry.returncode == 0 and "Traceback" not in dry.stdout, dry.stdout
+        (tmp_path / "hook/release").write_text("go")
         assert first.wait(timeout=600) == 0, first.stdout.read()
     finally:
+        (tmp_path / "hook/release").write_text("go")
         first.kill()
-    assert (root / "data/calibration/calibration.safetensors").is_file()
-    assert "Nothing to be done" in run(["snakemake", "data/calibration/calibration.safetensors", "--cores", "1",
-                                        "--dry-run"], root).stdout
+    assert (root / target).is_file()
+    assert "Nothing to be done" in run(["snakemake", target, "--cores", "1"], root).stdout

@@ -132,3 +132,24 @@ def test_mi_tokens_beyond_the_cache_are_rejected():
     with pytest.raises(ConfigError, match=r"score.mi_tokens=600.*activations.max_tokens=512"):
         params_from_mapping({"grid": {"criteria": ["mutual_information"], "recovered_criteria": []},
                              "score": {"mi_tokens": 600}})
+
+
+def test_torch_free_criterion_registry_matches_the_implementations():
+    """Config validation reads `pruneflow.criteria` (no torch); scoring reads `pruneflow.importance`."""
+    import sys
+
+    from pruneflow.criteria import CRITERIA as INFO
+    from pruneflow.importance import AGGREGATED, CRITERIA
+
+    assert list(INFO) == list(CRITERIA)
+    for name, cls in CRITERIA.items():
+        assert (INFO[name].needs_gradients, INFO[name].needs_activations) == (cls.needs_gradients,
+                                                                              cls.needs_activations), name
+    assert set(AGGREGATED) == {"l1_magnitude", "l2_magnitude", "taylor_vector", "taylor_element1", "taylor_element2",
+                               "wanda_sp"}
+    import subprocess
+
+    probe = subprocess.run([sys.executable, "-c", "import sys, pruneflow.config, pruneflow.criteria, "
+                            "pruneflow.pipeline.preflight, pruneflow.pipeline.records, pruneflow.pipeline.plan; "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "False", "planning must not import torch"

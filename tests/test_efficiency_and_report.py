@@ -116,3 +116,35 @@ def test_efficiency_on_other_families(family, tokenizer):
     result = measure_efficiency(model, device=torch.device("cpu"), repeats=1, seq_len=8, throughput_batch_size=2,
                                 generation_tokens=3)
     assert result["generation_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("only", ["perplexity", "zeroshot"])
+def test_report_of_a_perplexity_only_or_zero_shot_only_run(tmp_path, monkeypatch, only):
+    """`evaluate.ppl_datasets: []` or `evaluate.zeroshot_tasks: []`: the report stage still writes every output."""
+    import json
+
+    import yaml
+
+    from pruneflow.stages import report
+
+    from .conftest import PROJECT_ROOT
+
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["grid"] = {"criteria": ["flap"], "ratios": [0.2], "recovered_criteria": []}
+    params["mlflow"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for model_id, variant, criterion, ratio in (("dense", "dense", None, 0.0), ("pruned/flap/0.2", "pruned", "flap", 0.2)):
+        record = _record(model_id, variant, criterion, ratio, 20.0, 1000.0)
+        if only == "zeroshot":
+            record.update(perplexity={}, perplexity_by_seq_len={})
+        else:
+            record.update(zeroshot={}, zeroshot_headline_metric={}, zeroshot_average=None)
+        path = tmp_path / "reports/metrics" / f"{model_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    report.main(["--out", "reports/results.md", "--csv", "reports/results.csv", "--plots-dir", "reports/plots"])
+    table = (tmp_path / "reports/results.md").read_text()
+    assert ("WikiText-2" in table) == (only == "perplexity") and ("ARC-e" in table) == (only == "zeroshot")
+    assert {p.name for p in (tmp_path / "reports/plots").iterdir()} >= {"ppl_vs_ratio.png", "quality_vs_throughput.png",
+                                                                       "pruneflow_record.json"}

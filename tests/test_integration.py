@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
-from .kill_hook import kill_hook_env
+from .kill_hook import kill_hook_env, tree_bytes, visible_entries
 from .tiny_project import (
     dvc_planned_stages,
     dvc_ran_stages,
@@ -18,6 +20,7 @@ from .tiny_project import (
     set_param,
     snakemake_planned_jobs,
 )
+from .trace_hook import read_traces, trace_hook_env
 
 pytestmark = pytest.mark.integration
 
@@ -74,26 +77,62 @@ def _check_mlflow(root, engine: str) -> None:
     assert len(evaluate) == 4 and all("perplexity.wikitext2" in r.data.metrics for r in evaluate)
 
 
+def _snakemake_ran(output: str) -> set[str]:
+    """The rules a `snakemake` run executed (from its log on stdout)."""
+    return set(re.findall(r"^(?:local)?rule (\w+):", output, flags=re.M)) - {"all"}
+
+
 def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     root = make_tiny_project(tmp_path / "project")
     init_git_and_dvc(root)  # a DVC project: the run records its outputs in dvc.lock
-    run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root)
+    traces = tmp_path / "traces"  # every stage process records what it opened and imported
+    run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root,
+        extra_env=trace_hook_env(tmp_path / "trace_hook", traces, pythonpath=str(root / "src")))
     _check_outputs(root)
     _check_mlflow(root, "snakemake")
     assert "up to date" in run(["dvc", "status"], root).stdout, "Snakemake's outputs must be recorded in dvc.lock"
     _check_input_hashes(root)
+    _check_file_access(root, read_traces(traces))
 
     assert snakemake_planned_jobs(root) == {}, "a second run with nothing changed must do nothing"
 
+    # a changed setting reruns its stage and everything after it ...
     set_param(root, "recover.lora_dropout", 0.1)
     assert snakemake_planned_jobs(root) == {"recover": 1, "evaluate_recovered": 1, "report": 1}
-    set_param(root, "recover.lora_dropout", 0.05)
+    # ... and when that job is killed, the earlier result stays whole and nothing looks up to date
+    recovered = root / "data/recovered/taylor_element1/0.3"
+    earlier = {path: tree_bytes(root / path) for path in (
+        "data/recovered/taylor_element1/0.3", "reports/metrics/recovered/taylor_element1/0.3.json",
+        "reports/results.md")}
+    hook = kill_hook_env(tmp_path / "hook", str(recovered), pythonpath=str(root / "src"))
+    killed = run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root, check=False, extra_env=hook)
+    assert killed.returncode != 0 and "kill_hook: SIGKILL while writing" in _logs(root)
+    assert {path: tree_bytes(root / path) for path in earlier} == earlier
+    assert visible_entries(recovered.parent) == {"0.3"}
+    assert snakemake_planned_jobs(root) == {"recover": 1, "evaluate_recovered": 1, "report": 1}
+    assert "up to date" not in run(["dvc", "status"], root).stdout
+    # a refusal only the job can make (LoRA wider than the pruned layers) keeps it as well
+    set_param(root, "recover.lora_r", 64)
+    refused = run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root, check=False)
+    assert refused.returncode != 0 and "recover.lora_r=64 is not allowed for this model" in _logs(root)
+    assert {path: tree_bytes(root / path) for path in earlier} == earlier
+    set_param(root, "recover.lora_r", 8)
+    # the plain rerun does those three jobs and nothing else
+    rerun = run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root)
+    assert _snakemake_ran(rerun.stdout) == {"recover", "evaluate_recovered", "report"}
+    metrics = json.loads((root / "reports/metrics/recovered/taylor_element1/0.3.json").read_text())
+    assert metrics["provenance"][-2]["params"]["recover.lora_dropout"] == 0.1
     assert snakemake_planned_jobs(root) == {}
 
     set_param(root, "laptop.evaluate.zeroshot_limit", 5)
     assert snakemake_planned_jobs(root) == {"evaluate_dense": 1, "evaluate_pruned": 2, "evaluate_recovered": 1,
                                             "report": 1}
     set_param(root, "laptop.evaluate.zeroshot_limit", 6)
+
+    # an intermediate output that is gone while its settings change: the chain after it still reruns
+    shutil.rmtree(recovered)
+    set_param(root, "recover.lora_dropout", 0.05)
+    assert snakemake_planned_jobs(root) == {"recover": 1, "evaluate_recovered": 1, "report": 1}
 
     _touch_source(root, "src/pruneflow/stages/prune.py")
     assert snakemake_planned_jobs(root) == {"prune": 2, "evaluate_pruned": 2, "recover": 1,
@@ -115,6 +154,72 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     assert (root / "data/pruned/taylor_element1/0.3/config.json").is_file()
     assert snakemake_planned_jobs(root) == {}
     assert "up to date" in run(["dvc", "status"], root).stdout
+
+
+# files a stage may open that are no pipeline input: its settings, its own outputs, the engines' and
+# trackers' state
+_NOT_INPUTS = ("params.yaml", "dvc.yaml", "dvc.lock", "mlflow.db", ".pruneflow/", ".snakemake/", ".dvc/", ".git/",
+               "logs/", "src/")
+
+
+def _dry_run_jobs(root) -> list[dict]:
+    out = run(["snakemake", "--dry-run", "--forceall", "--cores", "1"], root).stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        match = re.match(r"(?:local)?rule (\w+):", block)
+        if match and match.group(1) != "all":
+            fields = dict(re.findall(r"^    (\w+): (.*)$", block, flags=re.M))
+            jobs.append({"rule": match.group(1), "input": fields["input"].split(", "),
+                         "output": [o.removesuffix(" (update)") for o in fields["output"].split(", ")]})
+    return jobs
+
+
+def _covered(path: str, declared) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in declared)
+
+
+def _check_file_access(root, traces) -> None:
+    """Every file a stage process opened is a declared input of its job in both engines (or its own
+    output, or engine/tracker state), every data file both declare was read, and every project module
+    it imported is among its declared source files."""
+    from dvc.repo import Repo
+
+    jobs = _dry_run_jobs(root)
+    with Repo(str(root)) as repo:
+        dvc_deps = {out.def_path: [dep.def_path for dep in stage.deps if type(dep).__name__ != "ParamsDependency"]
+                    for stage in repo.index.stages for out in stage.outs}
+    stage_traces = [t for t in traces if re.search(r"pruneflow/stages/\w+\.py$", t["argv"][0])]
+    assert len(stage_traces) == len(jobs) == 13, [t["argv"][:2] for t in stage_traces]
+    project = os.path.realpath(root)
+    for trace in stage_traces:
+        argv = trace["argv"]
+        out = argv[argv.index("--out") + 1]
+        (job,) = [j for j in jobs if out in j["output"]]
+        outputs = job["output"]
+        opened = set()
+        for path in trace["opened"]:
+            real = os.path.realpath(path)
+            # folders are opened to fsync them; a path that does not exist was only tried (and failed)
+            if real.startswith(project + os.sep) and os.path.isfile(real):
+                relative = os.path.relpath(real, project)
+                hidden_temporary = any(os.path.basename(relative).startswith("." + Path(o).name + ".")
+                                       for o in outputs)
+                if not (_covered(relative, outputs) or hidden_temporary or relative.startswith(_NOT_INPUTS)):
+                    opened.add(relative)
+        snake_inputs = [p for p in job["input"] if not p.startswith((".pruneflow/", "src/"))]
+        for path in opened:
+            assert _covered(path, snake_inputs), (job["rule"], path, "not an input of the Snakemake rule")
+            assert _covered(path, dvc_deps[outputs[0]]), (job["rule"], path, "not a dependency of the DVC stage")
+        upstream_outputs = {o for j in jobs for o in j["output"]}
+        data = [p for p in snake_inputs if p not in upstream_outputs]
+        assert [p for p in data if not any(_covered(o, [p]) for o in opened)] == [], (job["rule"], "declared, unread")
+        assert set(data) <= set(dvc_deps[outputs[0]]), job["rule"]
+        imported = {os.path.relpath(os.path.realpath(m), project) for m in trace["modules"]
+                    if os.path.realpath(m).startswith(os.path.join(project, "src", "pruneflow") + os.sep)}
+        assert imported, job["rule"]
+        code = {p for p in job["input"] if p.startswith("src/")}
+        assert imported <= code, (job["rule"], sorted(imported - code))
+        assert code == {p for p in dvc_deps[outputs[0]] if p.startswith("src/")}, job["rule"]
 
 
 def _check_input_hashes(root) -> None:
@@ -145,17 +250,36 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
 
     assert dvc_planned_stages(root) == [], "a second repro with nothing changed must do nothing"
 
+    _touch_source(root, "src/pruneflow/stages/report.py")
+    assert dvc_planned_stages(root) == ["report"]
+    assert dvc_ran_stages(root) == ["report"]
+
+    # instruction data outside the project: a declared dependency once params.yaml names it
+    outside = tmp_path / "elsewhere/alpaca.json"
+    outside.parent.mkdir()
+    shutil.copy(root / "data/raw/instruct/gsm_8k_train.json", outside)
+    set_param(root, "recover.data", [str(outside)])
     set_param(root, "recover.lora_dropout", 0.1)
-    assert dvc_planned_stages(root) == ["recover@taylor_element1-0.3"]
+    recovered = root / "data/recovered/taylor_element1/0.3"
+    earlier = tree_bytes(recovered)
+    # the first stage DVC starts finds dvc.yaml out of step with params.yaml, renders it and stops
+    stopped = run(["dvc", "repro"], root, check=False)
+    assert stopped.returncode != 0
+    assert f"dvc.yaml did not match params.yaml and the source (recover: +{outside}" in stopped.stdout
+    assert "run `dvc repro` again" in stopped.stdout
+    assert str(outside) in (root / "dvc.yaml").read_text() and tree_bytes(recovered) == earlier
+    # killed while writing: the earlier model stays whole
+    hook = kill_hook_env(tmp_path / "hook", str(recovered), pythonpath=str(root / "src"))
+    killed = run(["dvc", "repro"], root, check=False, extra_env=hook)
+    assert killed.returncode != 0 and "kill_hook: SIGKILL while writing" in killed.stdout
+    assert tree_bytes(recovered) == earlier and visible_entries(recovered.parent) == {"0.3"}
     assert dvc_ran_stages(root) == ["evaluate_recovered@taylor_element1-0.3", "recover@taylor_element1-0.3",
                                     "report"]
-
-    _touch_source(root, "src/pruneflow/stages/prune.py")
-    assert dvc_planned_stages(root) == ["prune@l2_magnitude-0.3", "prune@taylor_element1-0.3"]
-    ran = dvc_ran_stages(root)
-    # the edit changes no output byte, so DVC reruns prune and skips what follows; nothing upstream runs
-    assert ran == ["prune@l2_magnitude-0.3", "prune@taylor_element1-0.3"]
     assert "up to date" in run(["dvc", "status"], root).stdout
+    # an edit of that outside file is seen by both engines
+    outside.write_text(outside.read_text().replace('"instruction"', '"instruction" ', 1))
+    assert "recover@taylor_element1-0.3" in run(["dvc", "status"], root).stdout
+    assert snakemake_planned_jobs(root) == {"recover": 1, "evaluate_recovered": 1, "report": 1}
     metrics = run(["dvc", "metrics", "show", "--json"], root).stdout
     assert "perplexity" in metrics
 

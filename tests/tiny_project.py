@@ -1,6 +1,6 @@
 """A copy of the project with a tiny random model and slices of the real data, in a temp dir.
 
-The pipeline files (Snakefile, workflow/, dvc.yaml, src/) are copied unchanged; only params.yaml is
+The pipeline files (workflow/ with the Snakefile, dvc.yaml, src/) are copied unchanged; only params.yaml is
 shrunk, so the integration tests exercise exactly what users run.
 """
 
@@ -67,7 +67,7 @@ def make_tiny_project(root: Path, overrides: dict | None = None) -> Path:
     from pruneflow.tiny_models import write_tiny_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy2(PROJECT_ROOT / name, root / name)
     shutil.copytree(PROJECT_ROOT / "workflow", root / "workflow")
     shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from pruneflow.errors import ModelError
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from pruneflow.sources import (  # noqa: F401  (config.json-level facts live in the torch-free module)
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_MODEL_TYPES,
+    unsupported_architecture,
+)
 
 
 @dataclass(frozen=True)
@@ -27,12 +29,6 @@ class LayerShape:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
-
-
-def unsupported_architecture(config: dict) -> str | None:
-    """The architecture a raw config.json names when it is not one we support (None when fine or unnamed)."""
-    architectures = config.get("architectures") or []
-    return architectures[0] if architectures and architectures[0] not in SUPPORTED_ARCHITECTURES else None
 
 
 def check_supported(model: nn.Module) -> None:

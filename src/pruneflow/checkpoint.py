@@ -11,7 +11,6 @@ Weights are safetensors; whole models are never pickled.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from pruneflow.architectures import (
     unsupported_architecture,
 )
 from pruneflow.errors import ModelError
+from pruneflow.sources import read_config_dict
 
 LAYER_SHAPES_KEY = "pruneflow_layer_shapes"
 
@@ -90,16 +90,6 @@ def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
     size = head_dim(model)
     for layer, shape in zip(layers, shapes, strict=True):
         set_layer_shape(layer, shape, size)
-
-
-def read_config_dict(path: str | Path) -> dict:
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise ModelError(f"model folder {str(path)!r} has no config.json; expected a Hugging Face model folder")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_path} is not valid JSON: {exc}") from exc
 
 
 def _model_class(path: Path):

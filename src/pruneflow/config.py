@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from pruneflow.criteria import CRITERIA, check_mutual_information_settings
 from pruneflow.errors import ConfigError
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
@@ -45,8 +46,6 @@ LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 
 
 def _criterion_names() -> tuple[str, ...]:
-    from pruneflow.importance import CRITERIA
-
     return tuple(CRITERIA)
 
 
@@ -84,20 +83,16 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class CalibrationParams:
+    # never an evaluation file: pipeline.preflight compares resolved paths and contents
     source: str = "data/raw/wikitext-2/train.txt"
     num_samples: int = 10
     seq_len: int = 64
 
     def validate(self, prefix: str) -> None:
+        if not self.source.strip():
+            _fail(f"{prefix}.source", self.source, "a path to a training text file")
         _check_positive(f"{prefix}.num_samples", self.num_samples)
         _check_positive(f"{prefix}.seq_len", self.seq_len)
-        lowered = self.source.lower()
-        if any(part in lowered for part in ("test", "valid", "zeroshot")):
-            _fail(
-                f"{prefix}.source",
-                self.source,
-                "a training split (evaluation splits such as test/valid must never calibrate)",
-            )
 
 
 @dataclass(frozen=True)
@@ -125,16 +120,51 @@ class ScoreParams:
         _check_positive(f"{prefix}.micro_batch_size", self.micro_batch_size)
         if self.aggregation not in AGGREGATIONS:
             _fail(f"{prefix}.aggregation", self.aggregation, _allowed(AGGREGATIONS))
-        from pruneflow.importance import CRITERIA, criterion_settings
+        check_mutual_information_settings(self.mi_alpha, self.mi_bandwidth, self.mi_bandwidth_scale, self.mi_tokens,
+                                          self.mi_threshold, self.mi_pairs_per_neuron)
 
-        # the criterion validates its own settings (one place), with the params' key names
-        CRITERIA["mutual_information"](**criterion_settings("mutual_information", self))
+
+class Ratio(float):
+    """A pruning ratio that remembers how params.yaml spelled it.
+
+    DVC names a grid folder by the YAML scalar as written (`0` -> "0", `0.0` -> "0.0", `1e-5` ->
+    "1e-05"), so Snakemake, DVC, the report and the stage CLIs all take a ratio's folder name from
+    `name` (see `format_ratio`), and the two engines always agree on paths.
+    """
+
+    name: str
+
+    def __new__(cls, value: Any) -> Ratio:
+        ratio = super().__new__(cls, value)
+        if isinstance(value, Ratio):
+            ratio.name = value.name
+        elif isinstance(value, int) and not isinstance(value, bool):
+            ratio.name = str(value)
+        else:
+            ratio.name = repr(float(value))
+        return ratio
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ratio_from_name, (self.name,))
+
+    def __repr__(self) -> str:
+        return self.name
+
+    __str__ = __repr__
+
+
+def _ratio_from_name(name: str) -> Ratio:
+    return Ratio(int(name) if name.lstrip("-").isdigit() else float(name))
+
+
+# Every ratio folder name `format_ratio` can give for a ratio in [0, 1): "0", "0.x", "ye-z", "y.xe-z"
+RATIO_PATTERN = r"0|0\.[0-9]+|[1-9](\.[0-9]+)?e-[0-9]+"
 
 
 @dataclass(frozen=True)
 class GridParams:
     criteria: tuple[str, ...] = ("taylor_element1", "l2_magnitude")
-    ratios: tuple[float, ...] = (0.2,)
+    ratios: tuple[Ratio, ...] = (Ratio(0.2),)
     recovered_criteria: tuple[str, ...] = ("taylor_element1",)
 
     def validate(self, prefix: str) -> None:
@@ -268,6 +298,13 @@ class EvaluateParams:
     generation_tokens: int = 64
 
     def validate(self, prefix: str) -> None:
+        if not self.ppl_datasets and not self.zeroshot_tasks:
+            _fail(f"{prefix}.ppl_datasets", [], f"a non-empty list when {prefix}.zeroshot_tasks is empty too "
+                  "(one of the two may be [] for a perplexity-only or zero-shot-only run)")
+        if len(set(self.ppl_datasets)) != len(self.ppl_datasets):
+            _fail(f"{prefix}.ppl_datasets", list(self.ppl_datasets), "a list without duplicates")
+        if len(set(self.zeroshot_tasks)) != len(self.zeroshot_tasks):
+            _fail(f"{prefix}.zeroshot_tasks", list(self.zeroshot_tasks), "a list without duplicates")
         for name in self.ppl_datasets:
             if name not in PPL_DATASETS:
                 _fail(f"{prefix}.ppl_datasets", name, _allowed(PPL_DATASETS) + _did_you_mean(name, PPL_DATASETS))
@@ -350,9 +387,20 @@ def check_ratio(value: Any, key: str = "ratio") -> float:
     return float(value)
 
 
+def parse_ratio(text: str, key: str = "--ratio") -> Ratio:
+    """A ratio from the command line, spelled as a YAML number (`0`, `0.2`, `1e-05`)."""
+    text = str(text).strip()
+    try:
+        value: int | float = int(text) if text.lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        _fail(key, text, "a number in [0, 1)")
+    check_ratio(value, key)
+    return Ratio(value)
+
+
 def format_ratio(value: float) -> str:
-    """The canonical spelling of a ratio in paths and stage names (as YAML and DVC print it)."""
-    return repr(float(value))
+    """The canonical spelling of a ratio in paths and stage names: DVC's (see `Ratio`)."""
+    return value.name if isinstance(value, Ratio) else Ratio(value).name
 
 
 def _check_positive(key: str, value: Any) -> None:
@@ -386,10 +434,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(key, value, "an integer")
         return value
-    if annotation is float:
+    if annotation is float or annotation is Ratio:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, value, "a number")
-        return float(value)
+        return Ratio(value) if annotation is Ratio else float(value)
     if annotation is str:
         if not isinstance(value, str):
             _fail(key, value, "a string")
@@ -398,7 +446,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _type_name(annotation: Any) -> str:
-    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(annotation, str(annotation))
+    return {int: "integers", float: "numbers", Ratio: "numbers", str: "strings", bool: "booleans"}.get(
+        annotation, str(annotation))
 
 
 def _build(cls: type, mapping: Any, prefix: str) -> Any:
@@ -461,16 +510,111 @@ def params_from_mapping(raw: Mapping[str, Any]) -> Params:
     return dataclasses.replace(effective, raw=dict(raw))
 
 
+# Sections params.yaml must hold: DVC tracks each of them (a missing one stops `dvc repro`), so every
+# engine and stage CLI refuses a file without them instead of filling in defaults only some can see.
+# Keys inside a section may be left out (their defaults apply everywhere), except the grid keys DVC's
+# foreach/matrix read.
+REQUIRED_SECTIONS = ("scale", "seed", "runtime", "model", "calibration", "activations", "score", "grid", "prune",
+                     "recover", "evaluate", "laptop")
+REQUIRED_KEYS = ("grid.criteria", "grid.ratios", "grid.recovered_criteria", "laptop.recover", "laptop.evaluate")
+
+
+def _duplicate_keys(text: str) -> list[tuple[str, int, int]]:
+    """(dotted key, first line, repeated line) of every key written twice in one mapping."""
+    found: list[tuple[str, int, int]] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
+                dotted = f"{prefix}.{key}" if prefix else str(key)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    found.append((dotted, seen[key], line))
+                else:
+                    seen[key] = line
+                walk(value_node, dotted)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{prefix}[{index}]")
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return found
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML parser error in one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}".replace("\n", " ")
+
+
+def parse_params_text(text: str, name: str = "params.yaml") -> Any:
+    """params.yaml text -> plain data, read exactly as DVC reads it.
+
+    DVC parses params.yaml as YAML 1.2 (ruamel.yaml), where `2e-4` is a number and `off` a string;
+    PyYAML's YAML 1.1 reads them as a string and a boolean. Both the stage CLIs and the Snakefile use
+    this reader, so every engine sees the same values. A key written twice is refused (PyYAML would
+    keep the last one silently; DVC refuses the file).
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError as RuamelYAMLError
+
+    try:
+        duplicates = _duplicate_keys(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {name!r} is not valid YAML: {_yaml_problem(exc)}") from None
+    if duplicates:
+        key, first, again = duplicates[0]
+        raise ConfigError(f"params file {name!r}: key {key!r} is written twice (lines {first} and {again}); "
+                          "allowed: each key once")
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except RuamelYAMLError as exc:
+        raise ConfigError(f"params file {name!r} is not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def check_sections(raw: Mapping[str, Any]) -> None:
+    """Every section (and grid key) DVC tracks is present: refused everywhere rather than defaulted in some places."""
+    missing = [key for key in REQUIRED_SECTIONS if key not in raw]
+    for dotted in REQUIRED_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(raw.get(section), Mapping) and key not in raw[section]:
+            missing.append(dotted)
+    if missing:
+        raise ConfigError(
+            f"missing {', '.join(repr(m) for m in missing)}; allowed: a params file with every section "
+            f"({', '.join(REQUIRED_SECTIONS)}; mlflow may be left out) and the keys "
+            f"{', '.join(REQUIRED_KEYS)} (DVC tracks them; copy them from the project's params.yaml)")
+    hints = typing.get_type_hints(Params)
+    for section in REQUIRED_SECTIONS:
+        if (section == "laptop" or dataclasses.is_dataclass(hints[section])) and not isinstance(raw[section], Mapping):
+            _fail(section, raw[section], "a mapping of keys to values (an empty section is written {})")
+    for dotted in ("laptop.recover", "laptop.evaluate"):
+        section, key = dotted.split(".")
+        if not isinstance(raw[section].get(key), Mapping):
+            _fail(dotted, raw[section].get(key), "a mapping of keys to values (no caps: {})")
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; errors name the file, key, value and what is allowed."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} does not exist; pass --params with a params.yaml path")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"params file {str(path)!r} is not UTF-8 text: byte {exc.start} is invalid") from None
+    raw = parse_params_text(text, str(path))
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise ConfigError(f"params file {str(path)!r} is empty; allowed: a YAML mapping with the sections "
+                          f"{', '.join(REQUIRED_SECTIONS)}")
     try:
+        if not isinstance(raw, Mapping):
+            _fail("params", raw, "a YAML mapping at the top level")
+        check_sections(raw)
         return params_from_mapping(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -510,7 +654,7 @@ def _schema_for(annotation: Any) -> dict[str, Any]:
                 f.name: _schema_for(hints[f.name]) for f in dataclasses.fields(annotation) if f.name != "raw"
             },
         }
-    return {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[annotation]}
+    return {"type": {bool: "boolean", int: "integer", float: "number", Ratio: "number", str: "string"}[annotation]}
 
 
 def json_schema() -> dict[str, Any]:

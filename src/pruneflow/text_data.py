@@ -9,14 +9,18 @@ The evaluation strings follow the recipes the papers' numbers depend on (see DES
 from __future__ import annotations
 
 import codecs
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pruneflow.errors import DataError
 
+if TYPE_CHECKING:
+    import torch
+
+EXPECTED_INSTRUCTION_KEYS = "'instruction' (string), 'input' (string, optional), 'output' (string)"
 PPL_SOURCES = {
     "wikitext2": ("wikitext-2-raw/test.txt", "WikiText-2 raw test"),
     "ptb": ("ptb/ptb.valid.txt", "PTB validation (LLM-Pruner's PTB)"),
@@ -99,4 +103,59 @@ def sample_calibration(rows: list[str], tokenizer, num_samples: int, seq_len: in
             f"calibration.num_samples={num_samples} with calibration.seq_len={seq_len}: the source has only "
             f"{len(samples)} rows of at least {seq_len} tokens; allowed: a smaller num_samples or seq_len"
         )
+    import torch
+
     return CalibrationSet(torch.tensor(samples, dtype=torch.long), used, offsets)
+
+
+def check_instruction_file(path: str | Path) -> int:
+    """Check one Alpaca-format file with plain `json`, so errors name the file and record (datasets' do
+    not); returns its number of records."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"instruction data file {str(path)!r} does not exist; expected an Alpaca-format JSON list of "
+            f"records with keys {EXPECTED_INSTRUCTION_KEYS} (recover.data)"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"instruction data file {str(path)!r} is not UTF-8 text ({exc}); re-encode it as UTF-8 "
+                        f"JSON with keys {EXPECTED_INSTRUCTION_KEYS}") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"instruction data file {str(path)!r} is not valid JSON ({exc}); expected a JSON list of records "
+            f"with keys {EXPECTED_INSTRUCTION_KEYS}"
+        ) from exc
+    if not isinstance(records, list):
+        raise DataError(
+            f"instruction data file {str(path)!r} holds a JSON {type(records).__name__}, not a list; expected "
+            f"a JSON list of records with keys {EXPECTED_INSTRUCTION_KEYS}"
+        )
+    if not records:
+        raise DataError(
+            f"instruction data file {str(path)!r} is an empty list; expected at least one record with keys "
+            f"{EXPECTED_INSTRUCTION_KEYS}"
+        )
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(
+                f"instruction data file {str(path)!r}: record {index} is a {type(record).__name__}, not an "
+                f"object; expected keys {EXPECTED_INSTRUCTION_KEYS}"
+            )
+        for key in ("instruction", "output"):
+            if record.get(key) is None:
+                raise DataError(
+                    f"instruction data file {str(path)!r}: record {index} has no {key!r}; expected keys "
+                    f"{EXPECTED_INSTRUCTION_KEYS}"
+                )
+        for key in ("instruction", "input", "output"):
+            value = record.get(key)
+            if value is not None and not isinstance(value, str):
+                raise DataError(
+                    f"instruction data file {str(path)!r}: record {index} has {key!r} of type "
+                    f"{type(value).__name__}; expected keys {EXPECTED_INSTRUCTION_KEYS}"
+                )
+    return len(records)

@@ -1,40 +1,31 @@
 rule calibrate:
     input:
-        model=MODEL_DIR,
-        source=config["calibration"]["source"],
-        code=STAGE_SOURCES["calibrate"],
+        unpack(PIPELINE.inputs("calibrate")),
     output:
-        CALIBRATION,
-    params:
-        tracked=tracked_params("calibrate"),
+        **PIPELINE.outputs("calibrate"),
     conda:
         CONDA_ENV
     log:
-        "logs/calibrate.log",
+        PIPELINE.log("calibrate"),
     benchmark:
-        "logs/benchmarks/calibrate.tsv"
+        PIPELINE.benchmark("calibrate")
     shell:
-        stage_command("calibrate", "--model {input.model} --out {output}") + " > {log} 2>&1"
+        PIPELINE.shell("calibrate")
 
 
 rule cache_activations:
     input:
-        model=MODEL_DIR,
-        calibration=CALIBRATION,
-        code=STAGE_SOURCES["cache_activations"],
+        unpack(PIPELINE.inputs("cache_activations")),
     output:
-        ACTIVATIONS,
-    params:
-        tracked=tracked_params("cache_activations"),
+        **PIPELINE.outputs("cache_activations"),
     conda:
         CONDA_ENV
     log:
-        "logs/cache_activations.log",
+        PIPELINE.log("cache_activations"),
     benchmark:
-        "logs/benchmarks/cache_activations.tsv"
+        PIPELINE.benchmark("cache_activations")
     threads: TORCH_THREADS
     resources:
         gpu=1,
     shell:
-        gpu_stage_command("cache_activations", "--model {input.model} --calibration {input.calibration} --out {output}")
-        + " > {log} 2>&1"
+        PIPELINE.shell("cache_activations")

@@ -1,109 +1,27 @@
-# Shared definitions: validated params, output paths, tracked params and source files per stage.
+# Loads and checks params.yaml, holds the run lock, finds stale outputs, and gives every rule its
+# inputs, outputs and command from one table (src/pruneflow/pipeline/graph.py; dvc.yaml is rendered
+# from the same table). See pruneflow.pipeline.snakemake_support for what happens here and why.
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import yaml
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))  # workflow/ -> the project
 
-from pruneflow.config import format_ratio, load_params  # noqa: E402
-from pruneflow.errors import PruneflowError  # noqa: E402
+from pruneflow.config import RATIO_PATTERN  # noqa: E402
+from pruneflow.pipeline import snakemake_support  # noqa: E402
 
 PARAMS_FILE = "params.yaml"
 CONDA_ENV = "../envs/pruneflow.yaml"
 
-# The typed validation (ranges, names, paths, "did you mean") runs first: a bad value stops here,
-# before any job runs, and names the key, the value and what is allowed. The JSON schema (generated
-# from the same dataclasses) then checks the structure Snakemake itself reads.
-if workflow.config_settings.overwrite_config:
-    raise WorkflowError(
-        "pruneflow reads every setting from params.yaml, so `--config` overrides would not reach the "
-        f"stages: edit {PARAMS_FILE} instead (got --config {dict(workflow.config_settings.overwrite_config)})"
-    )
-try:
-    PARAMS = load_params(PARAMS_FILE)
-    source = PARAMS.model.source
-    if os.path.isabs(source) or source.startswith((".", "~")) or Path(source).exists():
-        from pruneflow.modeling import resolve_source
-
-        resolve_source(source)
-except PruneflowError as exc:
-    raise WorkflowError(f"pruneflow: {exc}") from None
+# Refuses a second run, a bad params.yaml or input, before Snakemake plans or removes anything.
+PIPELINE = snakemake_support.start(workflow, PARAMS_FILE)
+config.update(PIPELINE.params.raw)  # params.yaml as DVC reads it (YAML 1.2), not Snakemake's own reader
 validate(config, "../schemas/params.schema.yaml")
-
-GRID = PARAMS.grid
-RATIOS = [format_ratio(r) for r in GRID.ratios]
-
-MODEL_DIR = "data/models/dense"
-CALIBRATION = "data/calibration/calibration.safetensors"
-ACTIVATIONS = "data/activations/activations.safetensors"
-SCORES = "data/scores/{criterion}.safetensors"
-PRUNED_DIR = "data/pruned/{criterion}/{ratio}"
-RECOVERED_DIR = "data/recovered/{criterion}/{ratio}"
-METRICS = "reports/metrics/{variant}/{criterion}/{ratio}.json"
-DENSE_METRICS = "reports/metrics/dense.json"
-REPORT_OUTPUTS = ["reports/results.md", "reports/results.csv", "reports/plots"]
-
-# Source files whose edits rerun a stage (dvc.yaml lists the same ones; a test checks).
-STAGE_SOURCES = {
-    "prepare_model": ["src/pruneflow/stages/prepare_model.py", "src/pruneflow/modeling.py"],
-    "calibrate": ["src/pruneflow/stages/calibrate.py", "src/pruneflow/text_data.py", "src/pruneflow/tensor_files.py"],
-    "cache_activations": [
-        "src/pruneflow/stages/cache_activations.py",
-        "src/pruneflow/activations.py",
-        "src/pruneflow/tensor_files.py",
-    ],
-    "score": [
-        "src/pruneflow/stages/score.py",
-        "src/pruneflow/groups.py",
-        "src/pruneflow/tensor_files.py",
-        *sorted(str(p) for p in Path(workflow.basedir, "src/pruneflow/importance").glob("*.py")),
-    ],
-    "prune": [
-        "src/pruneflow/stages/prune.py",
-        "src/pruneflow/pruning.py",
-        "src/pruneflow/checkpoint.py",
-        "src/pruneflow/groups.py",
-        "src/pruneflow/importance/activation.py",
-    ],
-    "recover": ["src/pruneflow/stages/recover.py", "src/pruneflow/recovery.py"],
-    "evaluate": [
-        "src/pruneflow/stages/evaluate.py",
-        "src/pruneflow/perplexity.py",
-        "src/pruneflow/zeroshot.py",
-        "src/pruneflow/efficiency.py",
-    ],
-    "report": ["src/pruneflow/stages/report.py", "src/pruneflow/reporting.py"],
-}
-STAGE_SOURCES["score"] = [os.path.relpath(p, workflow.basedir) for p in STAGE_SOURCES["score"]]
-
-# The params.yaml keys each stage reads (dvc.yaml's `params:` lists the same keys; a test checks).
-STAGE_PARAMS = {
-    "prepare_model": ["model"],
-    "calibrate": ["seed", "calibration"],
-    "cache_activations": ["seed", "runtime", "activations"],
-    "score": ["seed", "runtime", "score"],
-    "prune": ["prune"],
-    "recover": ["seed", "runtime", "scale", "recover", "laptop.recover"],
-    "evaluate": ["seed", "runtime", "scale", "evaluate", "laptop.evaluate"],
-    "report": ["grid"],
-}
-
-
-def tracked_params(stage):
-    """The values of a stage's params keys: Snakemake reruns the stage when one changes."""
-    values = {}
-    for key in STAGE_PARAMS[stage]:
-        value = config
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        values[key] = value
-    return values
 
 
 def _declared_gpus():
@@ -129,27 +47,25 @@ TORCH_THREADS = max(1, _all_cores() // _declared_gpus()) if HAS_GPU else _all_co
 
 wildcard_constraints:
     criterion="[A-Za-z0-9_]+",
-    ratio="[0-9]+\\.[0-9]+",
-    variant="pruned|recovered",
-
-
-def stage_command(stage, args):
-    return f"python -m pruneflow.stages.{stage} --params {PARAMS_FILE} {args}"
-
-
-# GPU rules start through the slot allocator: each concurrent GPU job gets its own device
-# (CUDA_VISIBLE_DEVICES); it steps aside on CPU-only machines and under SLURM / Kubernetes.
-GPU_SLOT_PREFIX = "python -m pruneflow.pipeline.gpu_slots -- "
-
-
-def gpu_stage_command(stage, args):
-    return GPU_SLOT_PREFIX + stage_command(stage, args)
+    ratio=RATIO_PATTERN,
 
 
 # One MLflow parent run per pipeline invocation: every stage job inherits this id.
 from pruneflow.pipeline.tracking import INVOCATION_ENV, finish_invocation, new_invocation_id  # noqa: E402
 
 os.environ.setdefault(INVOCATION_ENV, new_invocation_id())
+
+
+def check_devices():
+    """`runtime.device` must exist where the jobs run: here, unless a cluster executor runs them."""
+    from pruneflow.errors import PruneflowError
+    from pruneflow.pipeline.preflight import check_device
+
+    if workflow.local_exec:
+        try:
+            check_device(PIPELINE.params.runtime.device)
+        except PruneflowError as exc:
+            raise WorkflowError(f"pruneflow plan: error: {exc}") from None
 
 
 def record_in_dvc():
@@ -168,19 +84,15 @@ def record_in_dvc():
         outputs = sorted({str(path) for job in workflow.dag.jobs for path in job.output})
         done = subprocess.run(
             [sys.executable, "-m", "pruneflow.pipeline.versioning", "commit", "--outputs-file", "-"],
-            input="\n".join(outputs) + "\n", text=True, check=False,
+            input="\n".join(outputs) + "\n",
+            text=True,
+            check=False,
         )
         if done.returncode != 0:
-            print(f"pruneflow: recording the outputs in dvc.lock failed (exit {done.returncode}); "
-                  "the outputs are complete: run `dvc commit` to record them", file=sys.stderr)
+            print(
+                f"pruneflow: recording the outputs in dvc.lock failed (exit {done.returncode}); "
+                "the outputs are complete: run `dvc commit` to record them",
+                file=sys.stderr,
+            )
     except Exception as exc:
         print(f"pruneflow: recording the outputs in dvc.lock failed: {exc}", file=sys.stderr)
-
-
-onsuccess:
-    finish_invocation(PARAMS.mlflow, "FINISHED")
-    record_in_dvc()
-
-
-onerror:
-    finish_invocation(PARAMS.mlflow, "FAILED")

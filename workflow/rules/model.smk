@@ -1,16 +1,14 @@
 rule prepare_model:
     input:
-        code=STAGE_SOURCES["prepare_model"],
+        unpack(PIPELINE.inputs("prepare_model")),
     output:
-        directory(MODEL_DIR),
-    params:
-        tracked=tracked_params("prepare_model"),
+        **PIPELINE.outputs("prepare_model"),
     conda:
         CONDA_ENV
     log:
-        "logs/prepare_model.log",
+        PIPELINE.log("prepare_model"),
     benchmark:
-        "logs/benchmarks/prepare_model.tsv"
+        PIPELINE.benchmark("prepare_model")
     threads: TORCH_THREADS
     shell:
-        stage_command("prepare_model", "--out {output}") + " > {log} 2>&1"
+        PIPELINE.shell("prepare_model")

@@ -1,53 +1,32 @@
 rule score:
     input:
-        model=MODEL_DIR,
-        calibration=CALIBRATION,
-        activations=ACTIVATIONS,
-        code=STAGE_SOURCES["score"],
+        unpack(PIPELINE.inputs("score")),
     output:
-        SCORES,
-    params:
-        tracked=tracked_params("score"),
+        **PIPELINE.outputs("score"),
     conda:
         CONDA_ENV
     log:
-        "logs/score/{criterion}.log",
+        PIPELINE.log("score"),
     benchmark:
-        "logs/benchmarks/score/{criterion}.tsv"
+        PIPELINE.benchmark("score")
     threads: TORCH_THREADS
     resources:
         gpu=1,
     shell:
-        gpu_stage_command(
-            "score",
-            "--model {input.model} --calibration {input.calibration} --activations {input.activations} "
-            "--criterion {wildcards.criterion} --out {output}",
-        )
-        + " > {log} 2>&1"
+        PIPELINE.shell("score")
 
 
 rule prune:
     input:
-        model=MODEL_DIR,
-        scores=SCORES,
-        activations=ACTIVATIONS,
-        code=STAGE_SOURCES["prune"],
+        unpack(PIPELINE.inputs("prune")),
     output:
-        directory(PRUNED_DIR),
-    params:
-        tracked=tracked_params("prune"),
+        **PIPELINE.outputs("prune"),
     conda:
         CONDA_ENV
     log:
-        "logs/prune/{criterion}/{ratio}.log",
+        PIPELINE.log("prune"),
     benchmark:
-        "logs/benchmarks/prune/{criterion}/{ratio}.tsv"
+        PIPELINE.benchmark("prune")
     threads: TORCH_THREADS
     shell:
-        stage_command(
-            "prune",
-            "--model {input.model} --scores {input.scores} --activations {input.activations} "
-            "--criterion {wildcards.criterion} "
-            "--ratio {wildcards.ratio} --out {output}",
-        )
-        + " > {log} 2>&1"
+        PIPELINE.shell("prune")

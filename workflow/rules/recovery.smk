@@ -1,20 +1,16 @@
 rule recover:
     input:
-        model=PRUNED_DIR,
-        data=config["recover"]["data"],
-        code=STAGE_SOURCES["recover"],
+        unpack(PIPELINE.inputs("recover")),
     output:
-        directory(RECOVERED_DIR),
-    params:
-        tracked=tracked_params("recover"),
+        **PIPELINE.outputs("recover"),
     conda:
         CONDA_ENV
     log:
-        "logs/recover/{criterion}/{ratio}.log",
+        PIPELINE.log("recover"),
     benchmark:
-        "logs/benchmarks/recover/{criterion}/{ratio}.tsv"
+        PIPELINE.benchmark("recover")
     threads: TORCH_THREADS
     resources:
         gpu=1,
     shell:
-        gpu_stage_command("recover", "--model {input.model} --out {output}") + " > {log} 2>&1"
+        PIPELINE.shell("recover")

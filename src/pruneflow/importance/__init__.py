@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pruneflow.criteria import CRITERIA as CRITERION_INFO
 from pruneflow.errors import ConfigError
 from pruneflow.importance.activation import Flap, WandaSP
 from pruneflow.importance.base import GroupScores, Importance, ScoringInputs
@@ -20,7 +21,7 @@ CRITERIA: dict[str, type] = {
     )
 }
 # criteria whose group scores come from summing parameter scores: `score.aggregation` applies
-AGGREGATED = ("l1_magnitude", "l2_magnitude", "taylor_vector", "taylor_element1", "taylor_element2", "wanda_sp")
+AGGREGATED = tuple(name for name, info in CRITERION_INFO.items() if info.aggregated)
 
 
 def criterion_settings(name: str, settings: Any | None) -> dict[str, Any]:

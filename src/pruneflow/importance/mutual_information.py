@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from pruneflow.architectures import decoder_layers, head_dim, layer_shape
+from pruneflow.criteria import BANDWIDTH_RULES, check_mutual_information_settings
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.importance.base import GroupScores, ScoringInputs
 
-BANDWIDTH_RULES = ("silverman", "median")
 # working memory of one block of squared kernels / joint matrices (bounds the peak, CPU or GPU)
 DEFAULT_MEMORY_BYTES = 512 * 2**20
 # kernel entries below exp(-20) ~ 2e-9 are set to 0: their squares' products would be float32
@@ -346,27 +346,7 @@ class MutualInformation:
     def __init__(self, alpha: float = 2.0, bandwidth: str = "silverman", bandwidth_scale: float = 1.0,
                  max_tokens: int = 256, threshold: float | None = None, pairs_per_neuron: int | None = None,
                  seed: int | None = None, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (
-                math.isfinite(alpha) and alpha > 0 and alpha != 1):
-            raise ConfigError(f"score.mi_alpha={alpha!r} is not allowed; allowed: a number > 0 and != 1")
-        if bandwidth not in BANDWIDTH_RULES:
-            raise ConfigError(f"score.mi_bandwidth={bandwidth!r} is not allowed; allowed: {', '.join(BANDWIDTH_RULES)}")
-        if isinstance(bandwidth_scale, bool) or not isinstance(bandwidth_scale, int | float) or not (
-                math.isfinite(bandwidth_scale) and bandwidth_scale > 0):
-            raise ConfigError(f"score.mi_bandwidth_scale={bandwidth_scale!r} is not allowed; allowed: a number > 0")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
-            raise ConfigError(f"score.mi_tokens={max_tokens!r} is not allowed; allowed: an integer >= 2")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
-                                      or not (math.isfinite(threshold) and threshold >= 0)):
-            raise ConfigError(f"score.mi_threshold={threshold!r} is not allowed; allowed: null or a number >= 0 (bits)")
-        if pairs_per_neuron is not None and (isinstance(pairs_per_neuron, bool) or not isinstance(pairs_per_neuron, int)
-                                             or pairs_per_neuron < 1):
-            raise ConfigError(
-                f"score.mi_pairs_per_neuron={pairs_per_neuron!r} is not allowed; allowed: null or an integer >= 1")
-        if alpha != 2 and pairs_per_neuron is None:
-            raise ConfigError(
-                f"score.mi_pairs_per_neuron=None is not allowed with score.mi_alpha={alpha!r}: only alpha 2 has the "
-                "all-pairs closed form; allowed: an integer >= 1 (e.g. 8), or score.mi_alpha: 2")
+        check_mutual_information_settings(alpha, bandwidth, bandwidth_scale, max_tokens, threshold, pairs_per_neuron)
         self.alpha = float(alpha)
         self.bandwidth = bandwidth
         self.bandwidth_scale = float(bandwidth_scale)

@@ -525,7 +525,7 @@ def input_tags(inputs: Mapping[str, str | Path]) -> dict[str, str]:
 
     An input that cannot be hashed (missing, unreadable) is tagged with the reason instead.
     """
-    from pruneflow.pipeline.versioning import dvc_hash
+    from pruneflow.pipeline.hashing import dvc_hash
 
     tags: dict[str, str] = {}
     for role, path in inputs.items():

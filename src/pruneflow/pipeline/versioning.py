@@ -9,53 +9,27 @@ dvc.lock. Two commands bridge them:
 - `checkout`: `dvc checkout`, then give the outputs file times in pipeline order (upstream older),
   because a checkout writes files in any order and Snakemake would rerun what looks out of date.
 
-`dvc_hash` computes DVC's own content hash (md5 of a file; md5 of the sorted listing + ".dir" for
-a folder), so MLflow runs can name the exact inputs they read.
+`dvc_hash` (from `pruneflow.pipeline.hashing`) computes DVC's own content hash, so MLflow runs and
+stage records can name the exact inputs they read.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pruneflow.pipeline.hashing import dvc_hash  # noqa: F401  (re-exported: `versioning.dvc_hash`)
+
 DISABLE_ENV = "PRUNEFLOW_DVC_COMMIT"
-_CHUNK = 1 << 20
 # pipeline order becomes file-time order in steps of this many nanoseconds
 _MTIME_STEP_NS = 10_000_000
 # where the Snakefile's `benchmark:` files live (Snakemake counts them among a job's outputs)
 SNAKEMAKE_BENCHMARKS = "logs/benchmarks"
-
-
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def dvc_hash(path: str | Path) -> str:
-    """DVC 3's md5 of a file or folder (a folder's hash ends in ".dir"), as dvc.lock records it."""
-    path = Path(path)
-    if path.is_file():
-        return _file_md5(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{str(path)!r} is neither a file nor a folder")
-    entries = [
-        {"md5": _file_md5(file), "relpath": file.relative_to(path).as_posix()}
-        for file in path.rglob("*")
-        if file.is_file()
-    ]
-    entries.sort(key=lambda entry: entry["relpath"])  # DVC's order: by the relative path string
-    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(listing).hexdigest() + ".dir"
 
 
 def is_dvc_project(root: str | Path = ".") -> bool:

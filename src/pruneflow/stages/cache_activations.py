@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.activations import collect_activation_stats
     from pruneflow.checkpoint import load_pruned
+    from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
     from pruneflow.tensor_files import save_tensors
@@ -41,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             model, ids, batch_size=params.activations.batch_size, max_tokens=params.activations.max_tokens,
             seed=params.seed, device=device,
         )
-        save_tensors(args.out, stats, {"command": command_line(), "device": str(device)})
+        record = recorder(STAGE, inputs={"model": args.model, "calibration": args.calibration}).record(params)
+        save_tensors(args.out, stats, {"command": command_line(), "device": str(device),
+                                       RECORD_KEY: json.dumps(record, sort_keys=True)})
         run.log_metrics({"tokens": int(stats["num_tokens"].item()), "tensors": len(stats)})
 
 

@@ -21,13 +21,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = params.calibration
 
     from pruneflow.modeling import load_tokenizer, offline_by_default
+    from pruneflow.pipeline.preflight import check_calibration_source
     from pruneflow.text_data import read_rows, sample_calibration
 
     offline_by_default()
     require_file(args.model, "model folder")
+    check_calibration_source(params, ".")  # never an evaluation file, by path or content
     rows = read_rows(cfg.source, "calibration.source")
     tokenizer = load_tokenizer(args.model)
 
+    from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.tensor_files import save_tensors
 
@@ -41,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "row_indices": json.dumps(calibration.row_indices),
             "offsets": json.dumps(calibration.offsets),
             "command": command_line(),
+            RECORD_KEY: json.dumps(recorder(STAGE, inputs={"model": args.model}).record(params), sort_keys=True),
         }
         save_tensors(args.out, {"input_ids": calibration.input_ids.contiguous()}, metadata)
         run.log_metrics({"num_samples": cfg.num_samples, "seq_len": cfg.seq_len,

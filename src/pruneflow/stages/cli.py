@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -33,11 +34,35 @@ def run_cli(stage: str, main: Callable[[Sequence[str] | None], None], argv: Sequ
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
     try:
+        if os.environ.get("DVC_STAGE"):
+            check_before_dvc_runs(argv)
         main(argv)
     except PruneflowError as exc:
         print(f"pruneflow {stage}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.getLogger(__name__).info("done in %.1f s", time.perf_counter() - started)
+
+
+def check_before_dvc_runs(argv: Sequence[str] | None) -> None:
+    """Under `dvc repro` (DVC_STAGE is set), the first stage DVC starts checks the whole plan, as `snakemake`
+    does before any job: a bad params.yaml or input stops it before any work. A dvc.yaml that no longer
+    matches params.yaml and the source (other data files, new imports) is regenerated and the run stopped,
+    since DVC planned it without those dependencies."""
+    from pruneflow.config import load_params
+    from pruneflow.errors import ConfigError
+    from pruneflow.pipeline.plan import refresh_dvc_yaml
+    from pruneflow.pipeline.preflight import check_plan
+
+    only_params = argparse.ArgumentParser(add_help=False)
+    only_params.add_argument("--params", type=Path, default=Path("params.yaml"))
+    known, _ = only_params.parse_known_args(argv)
+    params = load_params(known.params)
+    root = Path.cwd()
+    check_plan(params, root)
+    changed = refresh_dvc_yaml(params, root)
+    if changed:
+        raise ConfigError(f"dvc.yaml did not match params.yaml and the source ({changed}); it has been regenerated: "
+                          "run `dvc repro` again")
 
 
 def require_file(path: Path, what: str) -> Path:

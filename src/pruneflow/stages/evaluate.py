@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pruneflow.config import load_params, stage_params
+from pruneflow.config import RATIO_PATTERN, load_params, stage_params
 from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
 
 STAGE = "evaluate"
-_MODEL_ID = re.compile(r"^(?P<variant>pruned|recovered)/(?P<criterion>[A-Za-z0-9_]+)/(?P<ratio>[0-9.]+)$")
+_MODEL_ID = re.compile(rf"^(?P<variant>pruned|recovered)/(?P<criterion>[A-Za-z0-9_]+)/(?P<ratio>{RATIO_PATTERN})$")
 
 
 def describe_model_id(model_id: str) -> dict[str, Any]:
@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.efficiency import measure_efficiency
     from pruneflow.perplexity import perplexity, tokenize_text
     from pruneflow.pipeline.atomic import write_json
+    from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step
     from pruneflow.text_data import evaluation_text
@@ -99,9 +100,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed_everything(params.seed)
     identity = describe_model_id(args.model_id)
     tracked = {**stage_params(params, "scale", "runtime", "evaluate"), "model_id": args.model_id}
+    from pruneflow.pipeline.graph import evaluation_files, project_path, stage_for_model_id
+
+    data_files = evaluation_files(params, project_path(args.data_dir, Path.cwd()))  # exactly what is read
     tags = {"pruneflow.model_id": args.model_id, "pruneflow.variant": identity["variant"]}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags=tags,
-                   run_name=f"evaluate {args.model_id}", inputs={"model": args.model, "data": args.data_dir}) as run:
+                   run_name=f"evaluate {args.model_id}",
+                   inputs={"model": args.model, **{f"data{i}": path for i, path in enumerate(data_files)}}) as run:
         started = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
         model = load_pruned(args.model, dtype=dtype, device=device)
@@ -118,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 result = perplexity(model, ids, seq_len=seq_len, batch_size=batch, max_windows=windows, device=device)
                 ppl_by_seq_len.setdefault(str(seq_len), {})[name] = {**result.to_dict(),
                                                                      "split": PPL_SOURCES[name][1]}
-        ppl = ppl_by_seq_len[str(cfg.ppl_seq_lens[0])]
+        ppl = ppl_by_seq_len.get(str(cfg.ppl_seq_lens[0]), {})  # {} in a zero-shot-only run
         timing["perplexity_s"], mark = time.perf_counter() - mark, time.perf_counter()
         zeroshot = {}
         if cfg.zeroshot_tasks:
@@ -147,6 +152,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             "command": command_line(),
             "provenance": [*read_chain(args.model), step(STAGE, command_line(), tracked)],
         }
+        stage, values = stage_for_model_id(args.model_id) or (None, {})
+        metrics[RECORD_KEY] = recorder(stage.name if stage else "evaluate_dense", values,
+                                       inputs={"model": args.model}).record(
+            params, data=data_files)
+        if stage is None:  # not a grid model: recorded under its own id
+            metrics[RECORD_KEY]["instance"] = f"evaluate/{args.model_id}"
         write_json(args.out, metrics)
         run.log_metrics({"params": metrics["params"], "perplexity": {k: v["ppl"] for k, v in ppl.items()},
                          "perplexity_at": {length: {k: v["ppl"] for k, v in by_name.items()}

@@ -18,13 +18,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
 
-    from pruneflow.modeling import load_source, offline_by_default, portable_location, resolve_source
+    from pruneflow.modeling import load_source, offline_by_default
+    from pruneflow.pipeline.preflight import check_model
+    from pruneflow.sources import portable_location, resolve_source
 
     source = resolve_source(params.model.source)  # a missing path fails here, before loading anything
+    check_model(params, ".")  # supported family, layer range and lengths fit: from config.json alone
     offline_by_default()
 
     from pruneflow.architectures import count_parameters, layer_shapes
     from pruneflow.checkpoint import save_pruned
+    from pruneflow.pipeline.records import recorder, write_record_file
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import step, write_chain
 
@@ -34,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parameters = count_parameters(model)
         with atomic_dir(args.out) as tmp:
             save_pruned(model, tmp, tokenizer=tokenizer)
+            write_record_file(tmp, recorder(STAGE).record(params))
             write_chain(tmp, [step(STAGE, command_line(), tracked, source_kind=source.kind,
                                    source_location=portable_location(source), params_count=parameters,
                                    layer_shapes=[s.to_dict() for s in layer_shapes(model)])])

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from pruneflow.config import check_ratio, load_params, stage_params
+from pruneflow.config import format_ratio, load_params, parse_ratio, stage_params
 from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
 
 STAGE = "prune"
@@ -21,11 +21,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--activations", type=Path, required=True,
                         help="activation cache (read only when bias compensation is on)")
     parser.add_argument("--criterion", required=True)
-    parser.add_argument("--ratio", type=float, required=True, help="fraction of all parameters to remove, [0, 1)")
+    parser.add_argument("--ratio", required=True, help="fraction of all parameters to remove, [0, 1)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    ratio = check_ratio(args.ratio, "--ratio")
+    parsed = parse_ratio(args.ratio)  # a number in [0, 1), or a one-line error naming --ratio
+    ratio, ratio_name = float(parsed), format_ratio(parsed)  # ratio_name: the grid's folder name (DVC's spelling)
 
     from pruneflow.errors import DataError
     from pruneflow.importance import GroupScores, get_criterion
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.architectures import count_parameters, layer_shapes
     from pruneflow.modeling import load_tokenizer
     from pruneflow.pipeline.atomic import atomic_dir
+    from pruneflow.pipeline.records import recorder, write_record_file
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step, write_chain
     from pruneflow.pruning import add_compensation_biases, apply_pruning, compensation_biases, plan_pruning
@@ -103,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             chain.append(step(STAGE, command_line(), tracked, params_before=plan.params_before,
                               params_after=params_after, achieved_ratio=summary["achieved_ratio"]))
             write_chain(tmp, chain)
+            write_record_file(tmp, recorder(STAGE, {"criterion": args.criterion, "ratio": ratio_name}, inputs={
+                "model": args.model, "scores": args.scores, "activations": args.activations}).record(params))
         run.log_metrics({k: summary[k] for k in ("achieved_ratio", "params_before", "params_after")})
         run.log_artifact(args.out / SUMMARY_FILE)
 

@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.architectures import count_parameters
     from pruneflow.checkpoint import load_pruned, save_pruned
     from pruneflow.pipeline.atomic import atomic_dir
+    from pruneflow.pipeline.records import read_record, recorder, write_record_file
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step, write_chain
 
@@ -101,9 +102,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             chain.append(step(STAGE, command_line(), tracked, optimizer_steps=result.optimizer_steps,
                               best_val_loss=result.best_val_loss))
             write_chain(tmp, chain)
+            write_record_file(tmp, recorder(STAGE, recovered_instance(read_record(args.model)),
+                                            inputs={"model": args.model}).record(params))
         run.log_metrics({k: v for k, v in summary.items()
                          if k in ("initial_val_loss", "best_val_loss", "optimizer_steps", "seconds", "peak_gpu_memory_mib")})
         run.log_artifact(args.out / SUMMARY_FILE)
+
+
+def recovered_instance(model_record: dict | None) -> dict[str, str]:
+    """A recovered model is the grid instance of the pruned model it starts from (criterion, ratio)."""
+    instance = str((model_record or {}).get("instance", ""))
+    parts = instance.split("/")
+    if len(parts) == 3 and parts[0] == "prune":
+        return {"criterion": parts[1], "ratio": parts[2]}
+    return {}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.errors import DataError
     from pruneflow.pipeline.atomic import atomic_dir, atomic_path, write_text
+    from pruneflow.pipeline.records import recorder, write_record_file
     from pruneflow.pipeline.tracking import finish_invocation, stage_run
     from pruneflow.reporting import (
         efficiency_table,
@@ -40,17 +41,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     missing = [m for m in wanted if not metrics_path(args.metrics_dir, m).is_file()]
     if missing:
         raise DataError(f"metrics missing for {', '.join(missing)} in {args.metrics_dir}; run evaluate first")
+    metrics_files: dict[str, list[Path]] = {"dense": [], "pruned": [], "recovered": []}
+    for model_id in wanted:  # the grid's metrics only: other files in the folder are not this report's inputs
+        metrics_files[model_id.split("/")[0]].append(metrics_path(args.metrics_dir, model_id))
     with stage_run(STAGE, settings=params.mlflow, params=stage_params(params, "grid"),
-                   inputs={"metrics": args.metrics_dir}) as run:
+                   inputs={model_id: metrics_path(args.metrics_dir, model_id) for model_id in wanted}) as run:
         records = load_metrics(metrics_path(args.metrics_dir, m) for m in wanted)
         frame = results_frame(records)
-        with atomic_dir(args.plots_dir) as tmp:
-            window = next(iter(records[0].get("perplexity", {}).values()), {}).get("seq_len")
-            plot_vs_ratio(frame, "ppl_wikitext2", f"WikiText-2 perplexity ({window} tokens)",
-                          tmp / "ppl_vs_ratio.png", log=True)
-            plot_vs_ratio(frame, "zeroshot_average", "zero-shot average accuracy", tmp / "accuracy_vs_ratio.png")
-            plot_quality_vs_throughput(frame, tmp / "quality_vs_throughput.png",
-                                       batch_size=records[0].get("efficiency", {}).get("throughput_batch_size"))
+        record = recorder(STAGE, inputs=metrics_files).record(params)
         with atomic_path(args.csv) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
         text = [
@@ -81,6 +79,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
         ]
         write_text(args.out, "\n".join(text))
+        # the folder holding the record goes last: an interrupted report never looks up to date
+        with atomic_dir(args.plots_dir) as tmp:
+            write_record_file(tmp, record)
+            window = next(iter(records[0].get("perplexity", {}).values()), {}).get("seq_len")
+            plot_vs_ratio(frame, "ppl_wikitext2", f"WikiText-2 perplexity ({window} tokens)",
+                          tmp / "ppl_vs_ratio.png", log=True)
+            plot_vs_ratio(frame, "zeroshot_average", "zero-shot average accuracy", tmp / "accuracy_vs_ratio.png")
+            plot_quality_vs_throughput(frame, tmp / "quality_vs_throughput.png",
+                                       batch_size=records[0].get("efficiency", {}).get("throughput_batch_size"))
         for artifact in (args.out, args.csv, args.plots_dir):
             run.log_artifact(artifact)
     finish_invocation(params.mlflow)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.activations import load_activation_stats
     from pruneflow.checkpoint import load_pruned
     from pruneflow.importance import ScoringInputs
+    from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
 
@@ -60,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores.metadata.update({
             "criterion": criterion.name, "command": command_line(), "device": str(device),
             "calibration_samples": str(ids.shape[0]), "calibration_seq_len": str(ids.shape[1]),
+            RECORD_KEY: json.dumps(recorder(STAGE, {"criterion": criterion.name}, inputs={
+                "model": args.model, "calibration": args.calibration, "activations": args.activations,
+            }).record(params), sort_keys=True),
         })
         scores.save(args.out)
         metrics = {"seconds": seconds}

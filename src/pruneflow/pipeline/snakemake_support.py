@@ -1,0 +1,247 @@
+"""What the Snakefile takes from pruneflow: the checked plan, each rule's inputs, outputs and command,
+one run at a time, and earlier results that survive a failed or killed job.
+
+`start(workflow)` runs while Snakemake reads the Snakefile, before it plans or touches anything:
+
+1. **One run at a time.** A second `snakemake` in the project is refused at once with the lock
+   message, before Snakemake looks at incomplete files (whose advice, `--rerun-incomplete`, would
+   clobber the running job's output). The lock is an flock on `.pruneflow/snakemake.lock` held by the
+   running `snakemake` process, so the kernel frees it however that process ends. Dry runs and the
+   per-job processes of cluster executors do not take it.
+2. **The plan is checked** (`pipeline.preflight.check_plan`): a bad params.yaml or input ends the
+   run here with the same one-line message the stage CLIs give; nothing is planned or removed.
+3. **Stale outputs are found from their records** (`pipeline.records`) and their rules' stamps
+   dated so that Snakemake reruns them, whatever its own metadata says; the reasons are printed.
+4. **dvc.yaml is refreshed** from the same table when params.yaml names other data files.
+5. **Earlier results stay in place** until the new ones are whole (`keep_outputs_in_place`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pruneflow.config import Params, load_params
+from pruneflow.pipeline.graph import (
+    GPU_SLOT_PREFIX,
+    PARAMS_FILE,
+    STAGES,
+    STATE_DIR,
+    all_outputs,
+    command,
+    input_paths,
+    stage_code,
+    stage_data,
+)
+
+LOCK_FILE = "snakemake.lock"
+_held_locks: list[int] = []  # file descriptors kept open for the life of the process
+
+
+class RunLockedError(Exception):
+    pass
+
+
+def acquire_run_lock(root: str | Path) -> None:
+    """Hold `.pruneflow/snakemake.lock` for the rest of this process, or raise naming the holder."""
+    import fcntl
+
+    path = Path(root) / STATE_DIR / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockedError(
+            "Directory cannot be locked. Please make sure that no other Snakemake process is trying to create "
+            f"the same files in the following directory:\n{Path(root).resolve()}\n"
+            f"pruneflow: another `snakemake` runs in this project ({holder}); wait for it to finish. Its "
+            "outputs are untouched. (A dry run, `snakemake -n`, may run meanwhile.)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"PID {os.getpid()}: {' '.join(sys.argv)}".encode(), 0)
+    _held_locks.append(fd)
+
+
+# ----------------------------------------------------------------------- outputs survive failed jobs
+
+_kept_outputs: set[str] = set()
+
+
+def keep_outputs_in_place(paths: Iterable[str]) -> None:
+    """Make Snakemake leave these outputs alone before a job and after it fails.
+
+    Snakemake deletes a job's outputs before starting it and again if it fails, so a failed or killed
+    rerun would lose the earlier result. Its one switch against that is the `update()` flag (not
+    deleted before the job, restored if it fails), which the rules set; the restore comes from a
+    full copy made before every job (`FileBackupMixin.backup_output`). pruneflow's stages write to a
+    temporary sibling and swap it in only when complete (`pipeline.atomic`), so the output on disk
+    already *is* the earlier result until the new one is whole: for these paths the copy is skipped,
+    and "restoring" after a failure means keeping what is there. Other outputs keep Snakemake's
+    behaviour. Written against Snakemake 9's persistence API; without it the run stops here rather
+    than delete outputs.
+    """
+    try:
+        from snakemake.persistence import FileBackupMixin
+    except ImportError as exc:  # pragma: no cover - depends on the installed Snakemake
+        raise RuntimeError(f"pruneflow needs Snakemake 9's FileBackupMixin to keep earlier outputs: {exc}") from exc
+    for name in ("backup_output", "restore_output", "cleanup_backup"):
+        if not hasattr(FileBackupMixin, name):  # pragma: no cover
+            raise RuntimeError(f"this Snakemake lacks FileBackupMixin.{name}; pruneflow is tested with Snakemake 9")
+    _kept_outputs.update(os.path.abspath(path) for path in paths)
+    if getattr(FileBackupMixin, "_pruneflow_patched", False):
+        return
+    original = {name: getattr(FileBackupMixin, name) for name in ("backup_output", "restore_output", "cleanup_backup")}
+
+    def backup_output(self, path: Path) -> None:
+        if os.path.abspath(path) not in _kept_outputs:
+            original["backup_output"](self, path)
+
+    def restore_output(self, path: Path) -> bool:
+        if os.path.abspath(path) not in _kept_outputs:
+            return original["restore_output"](self, path)
+        return Path(path).exists()  # the earlier result, untouched: nothing to restore, nothing to delete
+
+    def cleanup_backup(self, path: Path) -> None:
+        if os.path.abspath(path) not in _kept_outputs:
+            original["cleanup_backup"](self, path)
+
+    FileBackupMixin.backup_output = backup_output
+    FileBackupMixin.restore_output = restore_output
+    FileBackupMixin.cleanup_backup = cleanup_backup
+    FileBackupMixin._pruneflow_patched = True
+
+
+# ------------------------------------------------------------------------------------------ the rules
+
+
+class SnakemakePipeline:
+    """The checked plan and each rule's parts, for the rules in workflow/rules/*.smk."""
+
+    def __init__(self, params: Params, root: Path, params_file: str = PARAMS_FILE) -> None:
+        self.params = params
+        self.root = root
+        self.params_file = params_file
+        self._code = {name: stage_code(root, stage) for name, stage in STAGES.items()}
+        self._data = {name: stage_data(params, stage, root) for name, stage in STAGES.items()}
+
+    def inputs(self, name: str) -> Callable[[Any], dict[str, Any]]:
+        """An input function: upstream outputs by role, data files, source files and the rule's stamp."""
+        from snakemake.io import local
+
+        from pruneflow.pipeline.records import stamp_path
+
+        stage = STAGES[name]
+
+        def rule_inputs(wildcards: Any) -> dict[str, Any]:
+            values = {key: wildcards[key] for key in stage.placeholders}
+            found: dict[str, Any] = {}
+            for role, paths in input_paths(self.params, stage, values).items():
+                found[role] = paths if len(paths) != 1 or role in stage.dvc_inputs else paths[0]
+            found["data"] = self._data[name]
+            found["code"] = self._code[name]
+            found["stamp"] = local(os.path.relpath(stamp_path(self.root, stage, values), self.root))
+            return found
+
+        return rule_inputs
+
+    def outputs(self, name: str) -> dict[str, Any]:
+        from snakemake.io import directory
+        from snakemake.ioflags import update
+
+        return {role: update(directory(out.path) if out.kind == "dir" else out.path)
+                for role, out in STAGES[name].outputs.items()}
+
+    def shell(self, name: str) -> str:
+        stage = STAGES[name]
+        inputs = {role: "{input." + role + "}" for role in stage.inputs}
+        outputs = {role: "{output." + role + "}" for role in stage.outputs}
+        values = {key: "{wildcards." + key + "}" for key in stage.placeholders}
+        line = command(stage, inputs, outputs, values, self.params_file) + " > {log} 2>&1"
+        return (GPU_SLOT_PREFIX + line) if stage.gpu else line
+
+    def log(self, name: str, suffix: str = ".log", folder: str = "logs") -> str:
+        stage = STAGES[name]
+        return "/".join([folder, stage.name, *("{" + key + "}" for key in stage.placeholders)]) + suffix
+
+    def benchmark(self, name: str) -> str:
+        return self.log(name, ".tsv", "logs/benchmarks")
+
+    def gpu(self, name: str) -> int:
+        return int(STAGES[name].gpu)
+
+    @property
+    def targets(self) -> list[str]:
+        """What `rule all` asks for: the report (which needs every other output of the grid)."""
+        return [out.path for out in STAGES["report"].outputs.values()]
+
+
+def _report_stale(found) -> None:
+    stale = [v for v in found if v.status == "stale"]
+    if not stale:
+        return
+    print(f"pruneflow: {len(stale)} existing output(s) are out of date and will be rebuilt:", file=sys.stderr)
+    for verdict in stale:
+        print(f"  {verdict.output}: {'; '.join(verdict.reasons)}", file=sys.stderr)
+
+
+def _ensure_stamps(params: Params, root: Path) -> None:
+    """Per-job processes of cluster executors only need the stamps to exist (the plan was made already)."""
+    from pruneflow.pipeline.graph import instances
+    from pruneflow.pipeline.records import stamp_path
+
+    for stage, values in instances(params):
+        path = stamp_path(root, stage, values)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                path.touch(exist_ok=False)
+                os.utime(path, ns=(0, 0))
+
+
+def start(workflow: Any, params_file: str = PARAMS_FILE) -> SnakemakePipeline:
+    """Everything the Snakefile does before Snakemake plans: lock, check, find stale outputs, keep outputs."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake_interface_executor_plugins.settings import ExecMode
+
+    from pruneflow.errors import PruneflowError
+    from pruneflow.pipeline.plan import refresh_dvc_yaml
+    from pruneflow.pipeline.preflight import check_plan
+    from pruneflow.pipeline.records import update_stamps, verdicts
+
+    root = Path.cwd()
+    overrides = workflow.config_settings.overwrite_config
+    configfiles = [str(f) for f in (workflow.config_settings.configfiles or [])]
+    if overrides or configfiles:
+        given = f"--config {dict(overrides)}" if overrides else f"--configfile {' '.join(configfiles)}"
+        raise WorkflowError(f"pruneflow plan: error: {given} is not allowed; allowed: settings in {params_file}, "
+                            "which every stage and `dvc repro` read (edit it instead)")
+    main_process = workflow.exec_mode == ExecMode.DEFAULT
+    dry_run = bool(getattr(workflow.output_settings, "dryrun", False))
+    if main_process and not dry_run:
+        try:
+            acquire_run_lock(root)
+        except RunLockedError as exc:
+            raise WorkflowError(str(exc)) from None
+    try:
+        params = load_params(root / params_file)
+        if main_process:
+            check_plan(params, root, devices=False)  # devices are checked where the jobs run (onstart, stages)
+    except PruneflowError as exc:
+        raise WorkflowError(f"pruneflow plan: error: {exc}") from None
+    pipeline = SnakemakePipeline(params, root, params_file)
+    if main_process:
+        if refresh_dvc_yaml(params, root):
+            print("pruneflow: dvc.yaml regenerated from params.yaml and the source", file=sys.stderr)
+        found = verdicts(params, root)
+        update_stamps(root, found)
+        _report_stale(found)
+    else:
+        _ensure_stamps(params, root)
+    keep_outputs_in_place(root / path for path in all_outputs(params))
+    return pipeline
