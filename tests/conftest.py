@@ -44,3 +44,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from pruneflow.tiny_models import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def staged_project(tmp_path_factory) -> Path:
+    """The tiny project with real outputs up to the l2_magnitude model pruned at 0.3 (stages run in this
+    process, MLflow off). Built once; tests copy it (`shutil.copytree`) before changing anything."""
+    from .tiny_project import make_tiny_project, run_stages_in_process, set_param
+
+    root = make_tiny_project(tmp_path_factory.mktemp("staged") / "project")
+    set_param(root, "mlflow.enabled", False)
+    run_stages_in_process(root, criteria=["l2_magnitude"], ratio=0.3)
+    return root

@@ -11,7 +11,7 @@ import pytest
 
 from pruneflow.stages.cli import run_cli
 
-from .tiny_project import make_tiny_project, run, run_stages_in_process, set_param
+from .tiny_project import make_tiny_project, run, set_param
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +285,9 @@ def _truncate(path) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(project, tmp_path_factory):
+def built(staged_project):
     """The tiny project with real outputs up to l2_magnitude scores (stages run in this process)."""
-    root = tmp_path_factory.mktemp("artifacts") / "p"
-    shutil.copytree(project, root, ignore=shutil.ignore_patterns("src"))
-    set_param(root, "mlflow.enabled", False)
-    run_stages_in_process(root, criteria=["l2_magnitude"], ratio=0.3)
-    return root
+    return staged_project
 
 
 @pytest.fixture()

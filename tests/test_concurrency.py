@@ -8,13 +8,16 @@ the pause hook right before a job puts its output in place) and the tests wait o
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from .kill_hook import pause_hook_env
+from .kill_hook import pause_hook_env, tree_bytes, visible_entries
 from .tiny_project import make_tiny_project, project_env, run, set_param
 
 HELD_STAGE = """\
@@ -40,7 +43,7 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
 
 def _start(cmd: list[str], root: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=root, env={**project_env(root), **(extra_env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def test_second_dvc_repro_fails_clearly_while_the_first_holds_the_lock(tmp_path):
@@ -69,25 +72,40 @@ def test_second_dvc_repro_fails_clearly_while_the_first_holds_the_lock(tmp_path)
 
 @pytest.mark.integration
 def test_second_snakemake_is_refused_with_the_lock_message_while_the_first_runs(tmp_path):
+    """The first run is held right before its calibrate job replaces an earlier output (its incomplete
+    marker set): a second run gets the lock message, a dry run may look, and Ctrl-C on the first (SIGINT
+    to its process group, as a terminal sends it) leaves the earlier output byte-identical."""
     root = make_tiny_project(tmp_path / "project")
     set_param(root, "mlflow.enabled", False)
     target = "data/calibration/calibration.safetensors"
+    command = ["snakemake", target, "--cores", "1"]
+    run(command, root)
+    earlier = tree_bytes(root / target)
+    set_param(root, "calibration.num_samples", 3)  # the output is now stale: the next run replaces it
     hook = pause_hook_env(tmp_path / "hook", str(root / target), pythonpath=str(root / "src"))
-    first = _start(["snakemake", target, "--cores", "1"], root, hook)
+    first = _start(command, root, hook)
     try:
-        # the first run's calibrate job is about to put its output in place (its incomplete marker is set)
         _wait_for(lambda: (tmp_path / "hook/paused").exists(), "its calibrate job reached the output", first)
-        second = run(["snakemake", target, "--cores", "1"], root, check=False)
+        second = run(command, root, check=False)
         assert second.returncode != 0
         assert "Directory cannot be locked" in second.stdout, second.stdout
         assert f"another `snakemake` runs in this project (PID {first.pid}" in second.stdout
         assert "Incomplete" not in second.stdout and "--rerun-incomplete" not in second.stdout
-        dry = run(["snakemake", target, "--cores", "1", "--dry-run"], root, check=False)  # looking is fine
+        dry = run([*command, "--dry-run"], root, check=False)  # looking is fine
         assert dry.returncode == 0 and "Traceback" not in dry.stdout, dry.stdout
-        (tmp_path / "hook/release").write_text("go")
-        assert first.wait(timeout=600) == 0, first.stdout.read()
+        os.killpg(first.pid, signal.SIGINT)
+        first.wait(timeout=300)
     finally:
         (tmp_path / "hook/release").write_text("go")
-        first.kill()
-    assert (root / target).is_file()
-    assert "Nothing to be done" in run(["snakemake", target, "--cores", "1"], root).stdout
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode != 0
+    assert tree_bytes(root / target) == earlier, "Ctrl-C must not lose or change the earlier output"
+    assert visible_entries(root / "data/calibration") == {"calibration.safetensors"}
+    # the plain rerun (no lock left behind) rebuilds the stale output, then has nothing to do
+    run(command, root)
+    from safetensors import safe_open
+
+    with safe_open(str(root / target), framework="pt") as handle:
+        assert handle.get_tensor("input_ids").shape[0] == 3
+    assert "Nothing to be done" in run(command, root).stdout

@@ -79,7 +79,17 @@ def make_tiny_project(root: Path, overrides: dict | None = None) -> Path:
     if overrides:
         params = _merge(params, overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    render_dvc_yaml(root)
     return root
+
+
+def render_dvc_yaml(root: Path) -> None:
+    """dvc.yaml for the project's params.yaml, as `python -m pruneflow.pipeline.plan --write-dvc-yaml` writes it
+    (the tiny model is a local folder: a data file of prepare_model the repository's dvc.yaml lacks)."""
+    from pruneflow.config import load_params
+    from pruneflow.pipeline.graph import render_dvc_yaml as render
+
+    (root / "dvc.yaml").write_text(render(load_params(root / "params.yaml"), root))
 
 
 def stage_chain(criteria: list[str], ratio: float) -> list[tuple[str, list[str]]]:

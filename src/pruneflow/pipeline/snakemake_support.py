@@ -172,9 +172,6 @@ class SnakemakePipeline:
     def benchmark(self, name: str) -> str:
         return self.log(name, ".tsv", "logs/benchmarks")
 
-    def gpu(self, name: str) -> int:
-        return int(STAGES[name].gpu)
-
     @property
     def targets(self) -> list[str]:
         """What `rule all` asks for: the report (which needs every other output of the grid)."""
@@ -218,7 +215,7 @@ def start(workflow: Any, params_file: str = PARAMS_FILE) -> SnakemakePipeline:
     overrides = workflow.config_settings.overwrite_config
     configfiles = [str(f) for f in (workflow.config_settings.configfiles or [])]
     if overrides or configfiles:
-        given = f"--config {dict(overrides)}" if overrides else f"--configfile {' '.join(configfiles)}"
+        given = f"--configfile {' '.join(configfiles)}" if configfiles else f"--config {dict(overrides)}"
         raise WorkflowError(f"pruneflow plan: error: {given} is not allowed; allowed: settings in {params_file}, "
                             "which every stage and `dvc repro` read (edit it instead)")
     main_process = workflow.exec_mode == ExecMode.DEFAULT
