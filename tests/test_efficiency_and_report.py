@@ -148,3 +148,27 @@ def test_report_of_a_perplexity_only_or_zero_shot_only_run(tmp_path, monkeypatch
     assert ("WikiText-2" in table) == (only == "perplexity") and ("ARC-e" in table) == (only == "zeroshot")
     assert {p.name for p in (tmp_path / "reports/plots").iterdir()} >= {"ppl_vs_ratio.png", "quality_vs_throughput.png",
                                                                        "pruneflow_record.json"}
+
+
+@pytest.mark.parametrize("only", ["perplexity", "zeroshot"])
+def test_evaluate_a_perplexity_only_or_zero_shot_only_setting(staged_project, tmp_path, monkeypatch, only):
+    """`evaluate.ppl_datasets: []` once ended in KeyError; either list may now be empty."""
+    import json
+    import shutil
+
+    from pruneflow.stages import evaluate
+
+    from .tiny_project import set_param
+
+    root = tmp_path / "p"
+    shutil.copytree(staged_project, root)
+    set_param(root, "laptop.evaluate.ppl_datasets", ["wikitext2"] if only == "perplexity" else [])
+    set_param(root, "laptop.evaluate.zeroshot_tasks", [] if only == "perplexity" else ["arc_easy"])
+    set_param(root, "laptop.evaluate.zeroshot_limit", 2)
+    monkeypatch.chdir(root)
+    evaluate.main(["--model", "data/models/dense", "--model-id", "dense", "--out", "reports/metrics/dense.json"])
+    metrics = json.loads((root / "reports/metrics/dense.json").read_text())
+    assert bool(metrics["perplexity"]) == (only == "perplexity")
+    assert bool(metrics["zeroshot"]) == (only == "zeroshot")
+    assert (metrics["zeroshot_average"] is None) == (only == "perplexity")
+    assert metrics["pruneflow_record"]["instance"] == "evaluate_dense"

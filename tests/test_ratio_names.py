@@ -111,3 +111,6 @@ def test_snakemake_and_dvc_plan_the_same_paths_for_awkward_ratios(tmp_path):
     assert snake_outputs == dvc_outputs
     assert {"data/pruned/taylor_element1/0", "data/pruned/taylor_element1/1e-05",
             "data/pruned/taylor_element1/0.30000000000000004"} <= snake_outputs
+    # a target outside the grid (another criterion and ratio) is planned too, its stamp made on demand
+    outside = run(["snakemake", "--dry-run", "data/pruned/flap/0.5", "--cores", "1"], root).stdout
+    assert "data/pruned/flap/0.5" in outside and "rule score:" in outside

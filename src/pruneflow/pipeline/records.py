@@ -156,10 +156,11 @@ class StageRecorder:
     stage: Stage
     values: dict[str, str]
     inputs: dict[str, list[Path]]
+    name: str | None = None  # the instance's name when it is no grid instance
 
     @property
     def instance(self) -> str:
-        return instance_id(self.stage, self.values)
+        return self.name or instance_id(self.stage, self.values)
 
     def record(self, params: Params, data: Iterable[str] | None = None, root: str | Path = ".") -> dict:
         """Own entry (from the running code and the data it read) + the chains of the inputs' records."""
@@ -181,12 +182,13 @@ class StageRecorder:
 
 
 def recorder(stage_name: str, values: Mapping[str, str] | None = None,
-             inputs: Mapping[str, str | Path | Iterable[str | Path]] | None = None) -> StageRecorder:
+             inputs: Mapping[str, str | Path | Iterable[str | Path]] | None = None,
+             instance: str | None = None) -> StageRecorder:
     paths: dict[str, list[Path]] = {}
     for role, value in (inputs or {}).items():
         items = [value] if isinstance(value, str | os.PathLike) else list(value)
         paths[role] = [Path(item) for item in items]
-    return StageRecorder(STAGES[stage_name], dict(values or {}), paths)
+    return StageRecorder(STAGES[stage_name], dict(values or {}), paths, instance)
 
 
 # --------------------------------------------------------------------------------- freshness and stamps
@@ -231,26 +233,24 @@ def explain(expected: Mapping[str, Any], recorded: Mapping[str, Any] | None, lim
     return unique[:limit] + ([f"... {len(unique) - limit} more"] if len(unique) > limit else [])
 
 
+def verdict(builder: ChainBuilder, stage: Stage, values: Mapping[str, str]) -> Verdict:
+    """Fresh / stale / missing for one stage instance (any values, in the grid or not)."""
+    values = dict(values)
+    chain = builder.chain(stage, values)
+    expected = fingerprint(chain)
+    primary = fill(stage.primary.path, values)
+    if not all((builder.root / path).exists() for path in outputs_of(stage, values).values()):
+        return Verdict(stage, values, primary, expected, "missing", [])
+    recorded = read_record(builder.root / primary)
+    if recorded is not None and recorded.get("fingerprint") == expected:
+        return Verdict(stage, values, primary, expected, "fresh", [])
+    return Verdict(stage, values, primary, expected, "stale", explain(chain, recorded["chain"] if recorded else None))
+
+
 def verdicts(params: Params, root: str | Path, cache: HashCache | None = None) -> list[Verdict]:
     """Fresh / stale / missing for every instance of the grid, from the records its outputs carry."""
-    root = Path(root)
     builder = ChainBuilder(params, root, cache)
-    found = []
-    for stage in STAGES.values():
-        for values in grid_values(params, stage):
-            chain = builder.chain(stage, values)
-            expected = fingerprint(chain)
-            outputs = outputs_of(stage, values)
-            primary = fill(stage.primary.path, values)
-            if not all((root / path).exists() for path in outputs.values()):
-                found.append(Verdict(stage, values, primary, expected, "missing", []))
-                continue
-            recorded = read_record(root / primary)
-            if recorded is not None and recorded.get("fingerprint") == expected:
-                found.append(Verdict(stage, values, primary, expected, "fresh", []))
-            else:
-                found.append(Verdict(stage, values, primary, expected, "stale",
-                                     explain(chain, recorded["chain"] if recorded else None)))
+    found = [verdict(builder, stage, values) for stage in STAGES.values() for values in grid_values(params, stage)]
     builder.cache.save()
     return found
 

@@ -140,12 +140,17 @@ class SnakemakePipeline:
 
         def rule_inputs(wildcards: Any) -> dict[str, Any]:
             values = {key: wildcards[key] for key in stage.placeholders}
+            stamp = stamp_path(self.root, stage, values)
+            if not stamp.exists():  # a target outside the grid (`snakemake data/pruned/flap/0.5`): judged now
+                from pruneflow.pipeline.records import ChainBuilder, update_stamps, verdict
+
+                update_stamps(self.root, [verdict(ChainBuilder(self.params, self.root), stage, values)])
             found: dict[str, Any] = {}
             for role, paths in input_paths(self.params, stage, values).items():
                 found[role] = paths if len(paths) != 1 or role in stage.dvc_inputs else paths[0]
             found["data"] = self._data[name]
             found["code"] = self._code[name]
-            found["stamp"] = local(os.path.relpath(stamp_path(self.root, stage, values), self.root))
+            found["stamp"] = local(os.path.relpath(stamp, self.root))
             return found
 
         return rule_inputs

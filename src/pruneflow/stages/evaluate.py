@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.efficiency import measure_efficiency
     from pruneflow.perplexity import perplexity, tokenize_text
     from pruneflow.pipeline.atomic import write_json
+    from pruneflow.pipeline.graph import evaluation_files, project_path, stage_for_model_id
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step
@@ -100,8 +101,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     seed_everything(params.seed)
     identity = describe_model_id(args.model_id)
     tracked = {**stage_params(params, "scale", "runtime", "evaluate"), "model_id": args.model_id}
-    from pruneflow.pipeline.graph import evaluation_files, project_path, stage_for_model_id
-
     data_files = evaluation_files(params, project_path(args.data_dir, Path.cwd()))  # exactly what is read
     tags = {"pruneflow.model_id": args.model_id, "pruneflow.variant": identity["variant"]}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags=tags,
@@ -153,11 +152,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "provenance": [*read_chain(args.model), step(STAGE, command_line(), tracked)],
         }
         stage, values = stage_for_model_id(args.model_id) or (None, {})
-        metrics[RECORD_KEY] = recorder(stage.name if stage else "evaluate_dense", values,
-                                       inputs={"model": args.model}).record(
+        # a model outside the grid is recorded under its own id (an evaluate stage all the same)
+        metrics[RECORD_KEY] = recorder(stage.name if stage else "evaluate_dense", values, inputs={"model": args.model},
+                                       instance=None if stage else f"evaluate/{args.model_id}").record(
             params, data=data_files)
-        if stage is None:  # not a grid model: recorded under its own id
-            metrics[RECORD_KEY]["instance"] = f"evaluate/{args.model_id}"
         write_json(args.out, metrics)
         run.log_metrics({"params": metrics["params"], "perplexity": {k: v["ppl"] for k, v in ppl.items()},
                          "perplexity_at": {length: {k: v["ppl"] for k, v in by_name.items()}
