@@ -48,29 +48,38 @@ class Method:
     criterion: str
     allocation: str = "uniform"
     attention_unit: str = "kv_group"
-    bias_compensation: bool = False
+    reconstruction: str = "none"
+    reconstruction_mode: str = "parallel"
 
     @property
     def label(self) -> str:
+        from pruneflow.reporting import RECONSTRUCTION_LABELS
+
         parts = [self.criterion]
         if self.allocation != "uniform":
             parts.append(self.allocation)
         if self.attention_unit != "kv_group":
             parts.append(self.attention_unit)
-        if self.bias_compensation:
-            parts.append("bias-comp")
+        if self.reconstruction != "none":
+            parts.append(RECONSTRUCTION_LABELS[self.reconstruction])
+            if self.reconstruction_mode != "parallel":
+                parts.append("seq")
         return "+".join(parts)
 
 
-def default_methods(criteria: list[str], extras_too: bool = True) -> list[Method]:
-    methods = [Method(name, bias_compensation=(name == "flap")) for name in criteria]
+def default_methods(criteria: list[str], extras_too: bool = True,
+                    reconstructions: tuple[tuple[str, str], ...] = (("none", "parallel"),)) -> list[Method]:
+    """Each criterion with each (reconstruction, mode); FLAP also with its own bias compensation."""
+    methods = [Method(name, reconstruction=r, reconstruction_mode=m) for name in criteria for r, m in reconstructions]
+    if "flap" in criteria and ("bias", "parallel") not in reconstructions:
+        methods.append(Method("flap", reconstruction="bias"))
     if not extras_too:
         return methods
     extras = [
         Method("taylor_element1", allocation="global"),
         Method("taylor_element2", allocation="global"),
         Method("taylor_element1", attention_unit="query_head"),
-        Method("flap", allocation="global", bias_compensation=True),  # FLAP's own setting
+        Method("flap", allocation="global", reconstruction="bias"),  # FLAP's own setting
         Method("wanda_sp", allocation="global"),
     ]
     return methods + [m for m in extras if m.criterion in criteria]
@@ -155,18 +164,22 @@ def evaluate_model(model, tokenizer, texts: dict[str, torch.Tensor], args, devic
     return result
 
 
-def prune_method(dense, scores, method: Method, ratio: float, layers: list[int], structures, stats):
+def prune_method(dense, scores, method: Method, ratio: float, layers: list[int], params, stats, calibration_ids,
+                 device):
+    """Plan, remove and re-fit exactly as the prune stage does (pruneflow.reconstruction)."""
     from pruneflow.architectures import count_parameters
-    from pruneflow.pruning import add_compensation_biases, apply_pruning, compensation_biases, plan_pruning
+    from pruneflow.pruning import plan_pruning
+    from pruneflow.reconstruction import prune_and_reconstruct
 
     model = copy.deepcopy(dense)
-    plan = plan_pruning(model, scores, ratio, layers, structures, allocation=method.allocation,
+    plan = plan_pruning(model, scores, ratio, layers, params.prune.structures, allocation=method.allocation,
                         attention_unit=method.attention_unit)
-    deltas = compensation_biases(model, plan, stats) if method.bias_compensation else None
-    apply_pruning(model, plan)
-    if deltas is not None:
-        add_compensation_biases(model, deltas)
-    return model, count_parameters(model)
+    started = time.perf_counter()
+    result = prune_and_reconstruct(model, plan, method=method.reconstruction, mode=method.reconstruction_mode,
+                                   damping=params.prune.damping, calibration_ids=calibration_ids,
+                                   batch_size=params.activations.batch_size, device=device, activations=stats)
+    return model, count_parameters(model), {"surgery_seconds": time.perf_counter() - started,
+                                            **result.mean_errors()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-pruning-time-limit", type=int, default=600)
     parser.add_argument("--work-dir", type=Path, default=Path("data/benchmarks/criteria"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/criteria_comparison"))
+    parser.add_argument("--reconstructions", nargs="+", default=["none:parallel"],
+                        help="RECONSTRUCTION:MODE pairs every criterion is pruned with (e.g. least_squares:parallel)")
     parser.add_argument("--no-extras", action="store_true",
                         help="only each criterion's own setting (no global / query-head variants)")
     parser.add_argument("--rerender", action="store_true",
@@ -231,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     dense = load_pruned(args.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.model)
     stats = load_file(str(args.activations))
+    from pruneflow.stages.calibrate import load_calibration
+
+    calibration_ids = load_calibration(args.calibration)
+    reconstructions = tuple(tuple(pair.split(":")) for pair in args.reconstructions)
     texts = {name: tokenize_text(evaluation_text(name, args.data_dir), tokenizer) for name in ("wikitext2", "ptb")}
     layers = list(params.prune.layer_range(len(dense.model.layers)))
     params_dense = count_parameters(dense)
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"method": "dense", "source": "-", "ratio": 0.0, "params": params_dense, **dense_eval})
     print(f"dense: {dense_eval['perplexity']['wikitext2']['ppl']:.2f}", flush=True)
     target_params: dict[float, int] = {}
-    for method in default_methods(criteria, extras_too=not args.no_extras):
+    for method in default_methods(criteria, extras_too=not args.no_extras, reconstructions=reconstructions):
         if "error" in scoring.get(method.criterion, {"error": "not scored"}):
             continue
         scores = GroupScores.load(scoring[method.criterion]["scores"])
@@ -248,10 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {"method": method.label, "source": "pruneflow", "ratio": ratio,
                                    "criterion": method.criterion, "allocation": method.allocation,
                                    "attention_unit": method.attention_unit,
-                                   "bias_compensation": method.bias_compensation}
+                                   "reconstruction": method.reconstruction,
+                                   "reconstruction_mode": method.reconstruction_mode}
             try:
-                model, params_after = prune_method(dense, scores, method, ratio, layers, params.prune.structures,
-                                                   stats)
+                model, params_after, surgery = prune_method(dense, scores, method, ratio, layers, params, stats,
+                                                            calibration_ids, device)
+                row["surgery"] = surgery
             except Exception as exc:
                 rows.append({**row, "status": f"error: {exc}"})
                 continue

@@ -103,3 +103,24 @@ def test_determinism_benchmark_finds_no_drift_on_the_cpu(tmp_path, monkeypatch):
         assert row["same_groups_removed"]
         assert row["max_abs_score_diff"] == row["max_abs_logit_diff"] == 0.0
     assert "| taylor_element1 | 0 | 0 | yes | 0 |" in (tmp_path / "det.md").read_text()
+
+
+def test_reconstruction_benchmark_compares_settings_on_the_same_windows(tmp_path, tiny_checkpoint):
+    from .tiny_project import write_tiny_data
+
+    write_tiny_data(tmp_path / "raw")
+    bench = _load("reconstruction")
+    out = tmp_path / "reconstruction"
+    bench.main(["--model", str(tiny_checkpoint), "--data-dir", str(tmp_path / "raw"), "--calibration-source",
+                str(tmp_path / "raw/wikitext-2/train.txt"), "--samples", "4", "--seq-len", "16", "--criteria",
+                "obs", "--settings", "ffn|uniform|kv_group|none|parallel", "ffn|uniform|kv_group|least_squares|parallel",
+                "ffn|uniform|kv_group|least_squares|parallel|0.001|9-12", "--layers", "1-3", "--ratio", "0.1",
+                "--windows", "4", "--out", str(out)])
+    payload = json.loads(out.with_suffix(".json").read_text())
+    dense, plain, refit, bad = payload["rows"]
+    assert dense["method"] == "dense" and plain["params"] == refit["params"] < dense["params"]
+    # the refit lowers the error it minimises; a layer range outside the model is reported, not fatal
+    assert refit["errors"]["down_proj_error_refit"] < refit["errors"]["down_proj_error_pruned"]
+    assert plain["errors"]["down_proj_error_refit"] == 0.0  # `none` measures nothing
+    assert "error" in bad
+    assert "| obs | ffn | uniform" in out.with_suffix(".md").read_text()

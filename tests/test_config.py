@@ -154,14 +154,20 @@ def test_numbers_and_words_are_read_as_dvc_reads_them(tmp_path):
     from dvc.utils.serialize import parse_yaml
 
     text = _project_text().replace("learning_rate: 1.0e-4", "learning_rate: 2e-4").replace(
-        "bias_compensation: auto ", "bias_compensation: off  ")
-    assert "learning_rate: 2e-4" in text and "bias_compensation: off" in text
+        "experiment: pruneflow", "experiment: off")
+    assert "learning_rate: 2e-4" in text and "experiment: off" in text
     params = load_params(_write(tmp_path, text))
     assert params.recover.learning_rate == 2e-4
-    assert params.prune.bias_compensation == "off"
+    assert params.mlflow.experiment == "off"
     dvc_view = parse_yaml(text, "params.yaml")
     assert dvc_view["recover"]["learning_rate"] == params.recover.learning_rate
-    assert dvc_view["prune"]["bias_compensation"] == params.prune.bias_compensation
+    assert dvc_view["mlflow"]["experiment"] == params.mlflow.experiment
+
+
+def test_a_replaced_key_names_its_replacement(tmp_path):
+    text = _project_text().replace("  allocation: uniform", "  bias_compensation: on\n  allocation: uniform")
+    with pytest.raises(ConfigError, match=r"'prune.bias_compensation' was replaced by prune.reconstruction"):
+        load_params(_write(tmp_path, text))
 
 
 def test_a_key_written_twice_is_refused(tmp_path):
@@ -231,3 +237,14 @@ def test_perplexity_only_and_zero_shot_only_runs(raw, ppl, tasks, ok):
             with pytest.raises(ConfigError, match=rf"{section}.ppl_datasets=\[\] is not allowed; allowed: a non-empty "
                                                   rf"list when {section}.zeroshot_tasks is empty too"):
                 params_from_mapping(changed)
+
+
+@pytest.mark.parametrize(("key", "value"), [("prune.damping", 0), ("prune.damping", 1.5), ("score.obs_damping", -1e-3),
+                                            ("prune.damping", "1e-3x")])
+def test_a_damping_outside_its_range_is_refused(tmp_path, key, value):
+    section, name = key.split(".")
+    text = _project_text()
+    old = next(line for line in text.splitlines() if line.startswith(f"  {name}:"))
+    text = text.replace(old, f"  {name}: {value}", 1)
+    with pytest.raises(ConfigError, match=rf"{key}=.* is not allowed; allowed: a number"):
+        load_params(_write(tmp_path, text))

@@ -53,7 +53,7 @@ def _check_outputs(root) -> None:
     assert [s["stage"] for s in pruned["provenance"]] == ["prepare_model", "score", "prune", "evaluate"]
     assert (root / "reports/plots/ppl_vs_ratio.png").stat().st_size > 1000
     assert (root / "reports/plots/quality_vs_throughput.png").stat().st_size > 1000
-    assert re.search(r"\| 30% / \d+\.\d% \| taylor_element1 \| LoRA \|", results)  # its Table-1 row
+    assert re.search(r"\| 30% / \d+\.\d% \| taylor_element1\+ls \| LoRA \|", results)  # its Table-1 row (ls: the refit)
     recovered = root / "data/recovered/taylor_element1/0.3"
     assert (recovered / "adapter/adapter_model.safetensors").is_file()
     assert json.loads((recovered / "recovery_summary.json").read_text())["optimizer_steps"] == 2
@@ -93,6 +93,7 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     assert "up to date" in run(["dvc", "status"], root).stdout, "Snakemake's outputs must be recorded in dvc.lock"
     _check_input_hashes(root)
     _check_file_access(root, read_traces(traces))
+    set_param(root, "mlflow.enabled", False)  # checked above; no stage reads it, and it costs seconds per job
 
     assert snakemake_planned_jobs(root) == {}, "a second run with nothing changed must do nothing"
 
@@ -251,6 +252,7 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     _check_outputs(root)
     _check_mlflow(root, "dvc")
     assert "up to date" in run(["dvc", "status"], root).stdout
+    set_param(root, "mlflow.enabled", False)  # checked above; no stage reads it, and it costs seconds per job
 
     assert dvc_planned_stages(root) == [], "a second repro with nothing changed must do nothing"
 
@@ -287,6 +289,33 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     metrics = run(["dvc", "metrics", "show", "--json"], root).stdout
     assert "perplexity" in metrics
 
+    # DVC experiments on the same project: a ratio sweep and another criterion (without recovery, which
+    # the edit above left stale), compared with the baseline commit like any two revisions
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "baseline results"], root)
+    no_recovery = ["-S", "grid.recovered_criteria=[]"]
+    run(["dvc", "exp", "run", "-n", "ratio-02", "-S", "grid.ratios=[0.2]", "-S", "grid.criteria=[l2_magnitude]",
+         *no_recovery], root)
+    run(["dvc", "exp", "run", "-n", "crit-random", "-S", "grid.ratios=[0.3]", "-S", "grid.criteria=[random]",
+         *no_recovery], root)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
+    experiments = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for revision in exp["revs"]:
+                experiments[exp.get("name") or revision.get("name")] = revision["data"]
+    assert {"ratio-02", "crit-random"} <= set(experiments), list(experiments)
+    grids = {name: data["params"]["params.yaml"]["data"]["grid"] for name, data in experiments.items()}
+    assert grids["ratio-02"]["ratios"] == [0.2] and grids["crit-random"]["criteria"] == ["random"]
+    swept = experiments["ratio-02"]["metrics"]
+    assert swept["reports/metrics/pruned/l2_magnitude/0.2.json"]["data"]["perplexity"]["wikitext2"]["ppl"] > 1
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "ratio-02", "--json"], root).stdout)
+    assert "reports/metrics/pruned/l2_magnitude/0.2.json" in diff
+    assert "reports/metrics/dense.json" not in diff  # the dense model was not re-evaluated
+    run(["dvc", "plots", "diff", "HEAD", "ratio-02", "crit-random", "-o", "plots_diff"], root)
+    page = (root / "plots_diff/index.html").read_text()
+    assert "results.csv" in page and "ratio-02" in page and "crit-random" in page
+
 
 def _every_criterion_overrides(**prune) -> dict:
     from pruneflow.importance import CRITERIA
@@ -308,13 +337,20 @@ def _logs(root) -> str:
 
 def _check_pruned(root, criteria, allocation: str) -> None:
     from pruneflow.checkpoint import load_pruned
+    from pruneflow.config import load_params
+
+    settings = load_params(root / "params.yaml").prune
 
     for name in criteria:
         folder = root / f"data/pruned/{name}/0.3"
         summary = json.loads((folder / "pruning_summary.json").read_text())
         assert summary["allocation"] == allocation
         assert summary["achieved_ratio"] == pytest.approx(0.3, abs=0.02), name
-        assert summary["bias_compensation"] == (name == "flap")
+        assert (summary["reconstruction"], summary["reconstruction_mode"]) == (settings.reconstruction,
+                                                                             settings.reconstruction_mode)
+        errors = summary["reconstruction_errors"]
+        if settings.reconstruction != "none":  # the re-fit lowered the layers' output error where it could
+            assert errors["down_proj_error_refit"] < errors["down_proj_error_pruned"], (name, errors)
         assert load_pruned(folder) is not None
 
 
@@ -340,8 +376,10 @@ def test_every_criterion_with_global_allocation_through_snakemake(tmp_path):
 
 
 def test_query_head_pruning_through_dvc(tmp_path):
-    criteria = ["taylor_element1", "mutual_information"]  # every criterion already ran through Snakemake
-    overrides = _every_criterion_overrides(attention_unit="query_head")
+    criteria = ["taylor_element1", "obs"]  # every criterion already ran through Snakemake
+    # the other reconstruction mode than the Snakemake test's (the default), with FLAP's bias term
+    overrides = _every_criterion_overrides(attention_unit="query_head", reconstruction="least_squares_bias",
+                                           reconstruction_mode="sequential")
     overrides["grid"]["criteria"] = criteria
     root = make_tiny_project(tmp_path / "project", overrides)
     init_git_and_dvc(root)
@@ -371,37 +409,3 @@ def test_query_head_pruning_through_dvc(tmp_path):
     run(["dvc", "pull", "prune", "--with-deps"], root)
     assert {p: p.read_bytes() for out in outputs for p in (root / out).rglob("*") if p.is_file()} == before
     assert "up to date" in run(["dvc", "status", "prune", "--with-deps"], root).stdout
-
-
-def test_dvc_experiments_sweep_ratios_and_criteria_and_compare_them(tmp_path):
-    root = make_tiny_project(tmp_path / "project", {"grid": {"criteria": ["l2_magnitude"], "ratios": [0.3],
-                                                              "recovered_criteria": ["l2_magnitude"]},
-                                                     "mlflow": {"enabled": False}})
-    init_git_and_dvc(root)
-    run(["dvc", "repro"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "baseline results"], root)
-
-    run(["dvc", "exp", "run", "-n", "ratio-02", "-S", "grid.ratios=[0.2]"], root)
-    run(["dvc", "exp", "run", "-n", "crit-random", "-S", "grid.ratios=[0.3]", "-S", "grid.criteria=[random]",
-         "-S", "grid.recovered_criteria=[random]"], root)
-
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], root).stdout)
-    experiments = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for revision in exp["revs"]:
-                experiments[exp.get("name") or revision.get("name")] = revision["data"]
-    assert {"ratio-02", "crit-random"} <= set(experiments), list(experiments)
-    params = {name: data["params"]["params.yaml"]["data"]["grid"] for name, data in experiments.items()}
-    assert params["ratio-02"]["ratios"] == [0.2] and params["crit-random"]["criteria"] == ["random"]
-    metrics = experiments["ratio-02"]["metrics"]
-    assert metrics["reports/metrics/pruned/l2_magnitude/0.2.json"]["data"]["perplexity"]["wikitext2"]["ppl"] > 1
-
-    # the experiments compare against the baseline commit like any two revisions
-    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "ratio-02", "--json"], root).stdout)
-    assert "reports/metrics/pruned/l2_magnitude/0.2.json" in diff
-    assert "reports/metrics/dense.json" not in diff  # the dense model was not re-evaluated
-    run(["dvc", "plots", "diff", "HEAD", "ratio-02", "crit-random", "-o", "plots_diff"], root)
-    page = (root / "plots_diff/index.html").read_text()
-    assert "results.csv" in page and "ratio-02" in page and "crit-random" in page

@@ -123,6 +123,19 @@ def test_layer_range_outside_the_model_is_refused_at_plan_time(root):
     assert "prune.layer_start=10, prune.layer_end=-1 select no layers of a model with 4" in _plan_error(root)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_a_bias_reconstruction_on_a_family_without_output_biases_is_refused_at_plan_time(root, family):
+    from pruneflow.tiny_models import write_tiny_checkpoint
+
+    write_tiny_checkpoint(root / "models" / f"tiny-{family}", family=family)
+    set_param(root, "model.source", f"models/tiny-{family}")
+    set_param(root, "prune.reconstruction", "least_squares_bias")
+    assert (f"prune.reconstruction='least_squares_bias' needs output biases on o_proj/down_proj, which "
+            f"model_type='{family}' cannot express") in _plan_error(root)
+    set_param(root, "prune.reconstruction", "least_squares")  # no bias: any family
+    check_plan(load_params(root / "params.yaml"), root, devices=False)
+
+
 @pytest.mark.skipif(os.environ.get("CUDA_VISIBLE_DEVICES") is None and shutil.which("nvidia-smi") is not None,
                     reason="a CUDA machine has devices")
 def test_a_device_this_machine_lacks_is_refused():

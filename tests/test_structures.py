@@ -13,14 +13,8 @@ from pruneflow.architectures import count_parameters, layer_shapes
 from pruneflow.checkpoint import LAYER_SHAPES_KEY, load_pruned, save_pruned
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.importance import GroupScores, ScoringInputs, get_criterion
-from pruneflow.pruning import (
-    add_compensation_biases,
-    apply_pruning,
-    compensation_biases,
-    plan_pruning,
-    prune_layer,
-    uses_bias_compensation,
-)
+from pruneflow.pruning import apply_pruning, plan_pruning, prune_layer
+from pruneflow.reconstruction import prune_and_reconstruct
 from pruneflow.tiny_models import TINY_FAMILIES, tiny_model
 
 
@@ -124,14 +118,17 @@ def test_global_and_query_head_combine(tokenizer, token_ids, tmp_path):
     assert torch.equal(_logits(load_pruned(tmp_path / "ckpt"), token_ids), _logits(model, token_ids))
 
 
+def _bias_compensated(model, plan, stats, ids):
+    return prune_and_reconstruct(model, plan, method="bias", mode="parallel", damping=1e-3, calibration_ids=ids,
+                                 batch_size=2, activations=stats)
+
+
 def test_bias_compensation_preserves_the_mean_output_of_pruned_matrices(llama, token_ids):
     stats = collect_activation_stats(llama, token_ids, batch_size=2, max_tokens=16, seed=0)
     dense_down = llama.model.layers[1].mlp.down_proj.weight.detach().clone().double()
     dense_o = llama.model.layers[1].self_attn.o_proj.weight.detach().clone().double()
     plan = plan_pruning(llama, _scores(llama, token_ids, "flap", stats), 0.3, [1, 2])
-    deltas = compensation_biases(llama, plan, stats)
-    apply_pruning(llama, plan)
-    added = add_compensation_biases(llama, deltas)
+    added = _bias_compensated(llama, plan, stats, token_ids).params_added
     tokens = float(stats["num_tokens"][0])
     down_mean = stats["layers.1.down_proj_in.sum"] / tokens
     o_mean = stats["layers.1.o_proj_in.sum"] / tokens
@@ -150,9 +147,7 @@ def test_bias_compensation_preserves_the_mean_output_of_pruned_matrices(llama, t
 def test_bias_compensated_checkpoint_loads_with_plain_from_pretrained(llama, token_ids, tokenizer, tmp_path):
     stats = collect_activation_stats(llama, token_ids, batch_size=2, max_tokens=16, seed=0)
     plan = plan_pruning(llama, _scores(llama, token_ids, "flap", stats), 0.3, range(0, 4))
-    deltas = compensation_biases(llama, plan, stats)
-    apply_pruning(llama, plan)
-    add_compensation_biases(llama, deltas)
+    _bias_compensated(llama, plan, stats, token_ids)
     save_pruned(llama, tmp_path / "ckpt", tokenizer=tokenizer)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     assert torch.equal(_logits(plain, token_ids), _logits(llama, token_ids))
@@ -162,14 +157,8 @@ def test_bias_compensation_refuses_families_without_output_biases(tokenizer, tok
     model = tiny_model("qwen2", vocab_size=len(tokenizer))
     stats = collect_activation_stats(model, token_ids, batch_size=2, max_tokens=16, seed=0)
     plan = plan_pruning(model, _scores(model, token_ids, "flap", stats), 0.2, [1, 2])
-    deltas = compensation_biases(model, plan, stats)
-    with pytest.raises(ConfigError, match=r"bias_compensation.*model_type='qwen2'.*allowed for: llama"):
-        add_compensation_biases(model, deltas)
-
-
-def test_bias_compensation_setting():
-    assert uses_bias_compensation("auto", "flap") and not uses_bias_compensation("auto", "taylor_element1")
-    assert uses_bias_compensation("on", "random") and not uses_bias_compensation("off", "flap")
+    with pytest.raises(ConfigError, match=r"reconstruction='bias'.*model_type='qwen2'.*allowed for: llama"):
+        _bias_compensated(model, plan, stats, token_ids)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])

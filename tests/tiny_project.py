@@ -22,7 +22,7 @@ TINY_OVERRIDES = {
     "calibration": {"num_samples": 4, "seq_len": 32},
     "activations": {"max_tokens": 64},
     "grid": {"criteria": ["taylor_element1", "l2_magnitude"], "ratios": [0.3], "recovered_criteria": ["taylor_element1"]},
-    "prune": {"layer_start": 1, "layer_end": -1},
+    "prune": {"layer_start": 1, "layer_end": -1, "structures": ["attention", "ffn"]},
     "laptop": {
         "recover": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "cutoff_len": 64, "val_size": 4,
                     "warmup_steps": 1, "eval_every_steps": 1},
@@ -102,8 +102,8 @@ def stage_chain(criteria: list[str], ratio: float) -> list[tuple[str, list[str]]
         scores = f"data/scores/{name}.safetensors"
         chain.append(("score", ["--model", dense, "--calibration", cal, "--activations", act, "--criterion", name,
                                 "--out", scores]))
-        chain.append(("prune", ["--model", dense, "--scores", scores, "--activations", act, "--criterion", name,
-                                "--ratio", str(ratio), "--out", f"data/pruned/{name}/{ratio}"]))
+        chain.append(("prune", ["--model", dense, "--scores", scores, "--activations", act, "--calibration", cal,
+                                "--criterion", name, "--ratio", str(ratio), "--out", f"data/pruned/{name}/{ratio}"]))
     return chain
 
 

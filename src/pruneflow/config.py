@@ -41,7 +41,14 @@ STRUCTURES = ("attention", "ffn")
 AGGREGATIONS = ("sum", "product", "max", "last")
 ALLOCATIONS = ("uniform", "global")
 ATTENTION_UNITS = ("kv_group", "query_head")
-BIAS_COMPENSATION = ("auto", "on", "off")
+# how the kept weights of o_proj / down_proj are re-fitted after removal (pruneflow.reconstruction)
+RECONSTRUCTIONS = ("none", "bias", "least_squares", "least_squares_bias")
+RECONSTRUCTION_MODES = ("parallel", "sequential")
+BIAS_RECONSTRUCTIONS = ("bias", "least_squares_bias")  # these add o_proj / down_proj biases
+# keys that were replaced: named in the unknown-key error so an old params.yaml gets a way forward
+REPLACED_KEYS = {
+    "prune.bias_compensation": "prune.reconstruction ('bias' is FLAP's bias compensation, 'none' is off)",
+}
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -99,6 +106,7 @@ class CalibrationParams:
 class ActivationParams:
     batch_size: int = 4
     max_tokens: int = 512
+    gram_matrices: bool = True  # X^T X at o_proj / down_proj inputs (reconstruction, obs); else recomputed
 
     def validate(self, prefix: str) -> None:
         _check_positive(f"{prefix}.batch_size", self.batch_size)
@@ -115,9 +123,11 @@ class ScoreParams:
     mi_tokens: int = 256
     mi_threshold: float | None = None
     mi_pairs_per_neuron: int | None = None
+    obs_damping: float = 1e-3
 
     def validate(self, prefix: str) -> None:
         _check_positive(f"{prefix}.micro_batch_size", self.micro_batch_size)
+        _check_damping(f"{prefix}.obs_damping", self.obs_damping)
         if self.aggregation not in AGGREGATIONS:
             _fail(f"{prefix}.aggregation", self.aggregation, _allowed(AGGREGATIONS))
         check_mutual_information_settings(self.mi_alpha, self.mi_bandwidth, self.mi_bandwidth_scale, self.mi_tokens,
@@ -198,12 +208,16 @@ class PruneParams:
     structures: tuple[str, ...] = STRUCTURES
     allocation: str = "uniform"
     attention_unit: str = "kv_group"
-    bias_compensation: str = "auto"
+    reconstruction: str = "least_squares"
+    reconstruction_mode: str = "parallel"
+    damping: float = 1e-3
 
     def validate(self, prefix: str) -> None:
+        _check_damping(f"{prefix}.damping", self.damping)
         for key, value, allowed in (("allocation", self.allocation, ALLOCATIONS),
                                     ("attention_unit", self.attention_unit, ATTENTION_UNITS),
-                                    ("bias_compensation", self.bias_compensation, BIAS_COMPENSATION)):
+                                    ("reconstruction", self.reconstruction, RECONSTRUCTIONS),
+                                    ("reconstruction_mode", self.reconstruction_mode, RECONSTRUCTION_MODES)):
             if value not in allowed:
                 _fail(f"{prefix}.{key}", value, _allowed(allowed) + _did_you_mean(str(value), allowed))
         for name in self.structures:
@@ -408,6 +422,11 @@ def _check_positive(key: str, value: Any) -> None:
         _fail(key, value, "an integer > 0")
 
 
+def _check_damping(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not 0 < value <= 1:
+        _fail(key, value, "a number in (0, 1] (fraction of the Gram matrix's mean diagonal added to it)")
+
+
 def _did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -458,6 +477,8 @@ def _build(cls: type, mapping: Any, prefix: str) -> Any:
     for key in mapping:
         if key not in fields:
             full = f"{prefix}.{key}" if prefix else str(key)
+            if full in REPLACED_KEYS:
+                raise ConfigError(f"{full!r} was replaced by {REPLACED_KEYS[full]}")
             raise ConfigError(
                 f"unknown key {full!r}; allowed keys{' in ' + prefix if prefix else ''}: "
                 f"{', '.join(fields)}{_did_you_mean(str(key), fields)}"
@@ -624,6 +645,10 @@ def stage_params(params: Params, *sections: str) -> dict[str, Any]:
     """A flat {"section.key": value} view of the sections a stage reads (for MLflow)."""
     flat: dict[str, Any] = {}
     for section in sections:
+        if "." in section:  # one key of a section ("runtime.device")
+            outer, key = section.split(".", 1)
+            flat[section] = getattr(getattr(params, outer), key)
+            continue
         value = getattr(params, section)
         if dataclasses.is_dataclass(value):
             for f in dataclasses.fields(value):

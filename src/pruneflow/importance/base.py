@@ -17,6 +17,10 @@ from safetensors.torch import load_file
 from pruneflow.errors import DataError
 from pruneflow.tensor_files import read_metadata, save_tensors
 
+# GroupScores metadata: "true" when attention and FFN scores are on one scale, so a global ranking
+# compares them directly instead of standardising each structure
+COMMON_SCALE_KEY = "common_scale"
+
 
 @dataclass
 class ScoringInputs:
@@ -26,6 +30,7 @@ class ScoringInputs:
     activations: Mapping[str, torch.Tensor] | None = None
     micro_batch_size: int = 2
     seed: int = 0
+    forward_batch_size: int = 8  # calibration samples per forward-only pass (criteria without gradients)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
 

@@ -146,7 +146,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         outputs={"activations": Output("data/activations/activations.safetensors")},
     ),
     Stage(
-        name="score", module="score", gpu=True, criteria="criteria", params=("seed", "runtime", "score"),
+        name="score", module="score", gpu=True, criteria="criteria",
+        params=("seed", "runtime", "score", "activations.batch_size"),
         inputs={"model": "prepare_model.model", "calibration": "calibrate.calibration",
                 "activations": "cache_activations.activations"},
         args=("--model", "{input.model}", "--calibration", "{input.calibration}", "--activations",
@@ -154,11 +155,13 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         outputs={"scores": Output("data/scores/{criterion}.safetensors")},
     ),
     Stage(
-        name="prune", module="prune", criteria="criteria", ratios=True, params=("prune",),
+        name="prune", module="prune", criteria="criteria", ratios=True,
+        params=("prune", "runtime.device", "activations.batch_size"),
         inputs={"model": "prepare_model.model", "scores": "score.scores",
-                "activations": "cache_activations.activations"},
+                "activations": "cache_activations.activations", "calibration": "calibrate.calibration"},
         args=("--model", "{input.model}", "--scores", "{input.scores}", "--activations", "{input.activations}",
-              "--criterion", "{criterion}", "--ratio", "{ratio}", "--out", "{output.model}"),
+              "--calibration", "{input.calibration}", "--criterion", "{criterion}", "--ratio", "{ratio}",
+              "--out", "{output.model}"),
         outputs={"model": Output("data/pruned/{criterion}/{ratio}", kind="dir")},
     ),
     Stage(

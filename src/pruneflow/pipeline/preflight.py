@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pruneflow.config import ZEROSHOT_TASKS, Params
+from pruneflow.config import BIAS_RECONSTRUCTIONS, ZEROSHOT_TASKS, Params
 from pruneflow.errors import ConfigError
 from pruneflow.pipeline.graph import DATA_DIR, STATE_DIR, project_path
 from pruneflow.pipeline.hashing import HashCache
@@ -26,6 +26,7 @@ from pruneflow.pipeline.hashing import HashCache
 def check_model(params: Params, root: str | Path) -> dict:
     """The source exists and is supported; the layer range and lengths fit it. Returns its config facts."""
     from pruneflow.sources import (
+        BIAS_MODEL_TYPES,
         SUPPORTED_ARCHITECTURES,
         resolve_source,
         source_config,
@@ -42,6 +43,11 @@ def check_model(params: Params, root: str | Path) -> dict:
     layers = config.get("num_hidden_layers")
     if isinstance(layers, int):
         params.prune.layer_range(layers)
+    if params.prune.reconstruction in BIAS_RECONSTRUCTIONS and config.get("model_type") not in BIAS_MODEL_TYPES:
+        raise ConfigError(
+            f"prune.reconstruction={params.prune.reconstruction!r} needs output biases on o_proj/down_proj, which "
+            f"model_type={config.get('model_type')!r} cannot express in its config; allowed for: "
+            f"{', '.join(BIAS_MODEL_TYPES)} (set prune.reconstruction to 'least_squares' or 'none')")
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int):
         check_lengths(params, positions, f"model.source={params.model.source!r}")

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = load_pruned(args.model, dtype=dtype, device=device)
         stats = collect_activation_stats(
             model, ids, batch_size=params.activations.batch_size, max_tokens=params.activations.max_tokens,
-            seed=params.seed, device=device,
+            seed=params.seed, device=device, gram_matrices=params.activations.gram_matrices,
         )
         record = recorder(STAGE, inputs={"model": args.model, "calibration": args.calibration}).record(params)
         save_tensors(args.out, stats, {"command": command_line(), "device": str(device),

@@ -1,9 +1,11 @@
-"""Stage 4: remove the lowest-scored groups so that `ratio` of all parameters goes; save a loadable
-checkpoint and a summary whose parameter counts are measured, not requested."""
+"""Stage 4: remove the lowest-scored groups so that `ratio` of all parameters goes, re-fit what stays
+(`prune.reconstruction`); save a loadable checkpoint and a summary whose parameter counts are
+measured, not requested."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +21,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="dense model folder")
     parser.add_argument("--scores", type=Path, required=True)
     parser.add_argument("--activations", type=Path, required=True,
-                        help="activation cache (read only when bias compensation is on)")
+                        help="activation cache (its Gram matrices and means feed the reconstruction)")
+    parser.add_argument("--calibration", type=Path, required=True,
+                        help="calibration ids (forward passes of the sequential reconstruction)")
     parser.add_argument("--criterion", required=True)
     parser.add_argument("--ratio", required=True, help="fraction of all parameters to remove, [0, 1)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
@@ -32,9 +36,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.importance import GroupScores, get_criterion
 
     get_criterion(args.criterion)
-    from pruneflow.pruning import check_bias_compensation, uses_bias_compensation
+    from pruneflow.pruning import check_bias_compensation
 
-    compensate = uses_bias_compensation(params.prune.bias_compensation, args.criterion)
+    settings = params.prune
+    adds_bias = settings.reconstruction in ("bias", "least_squares_bias")
     require_file(args.model, "model folder")
     from pruneflow.checkpoint import load_pruned, read_config_dict, save_pruned
 
@@ -53,15 +58,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.pipeline.records import recorder, write_record_file
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step, write_chain
-    from pruneflow.pruning import add_compensation_biases, apply_pruning, compensation_biases, plan_pruning
+    from pruneflow.pruning import plan_pruning
+    from pruneflow.reconstruction import prune_and_reconstruct
 
-    activations = None
-    if compensate:
-        check_bias_compensation(model_config.get("model_type"))
+    activations = calibration_ids = None
+    if adds_bias:
+        check_bias_compensation(model_config.get("model_type"), f"prune.reconstruction={settings.reconstruction!r}")
+    if settings.reconstruction != "none":
         from pruneflow.activations import load_activation_stats
+        from pruneflow.stages.calibrate import load_calibration
 
-        activations = load_activation_stats(args.activations, f"bias compensation ({args.criterion!r})")
-    model = load_pruned(args.model)  # surgery on CPU in fp32: exact, and cheap next to scoring
+        activations = load_activation_stats(args.activations, f"prune.reconstruction={settings.reconstruction!r}")
+        calibration_ids = load_calibration(args.calibration)
+    from pruneflow.runtime import resolve_device
+
+    # fp32 for exact surgery and solves; forward passes (sequential mode, Gram matrices not cached) on the device
+    device = resolve_device(params.runtime.device)
+    model = load_pruned(args.model, device=device)
     tokenizer = load_tokenizer(args.model)
     tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio}
     with stage_run(STAGE, settings=params.mlflow, params=tracked,
@@ -71,9 +84,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         shapes_before = layer_shapes(model)
         plan = plan_pruning(model, scores, ratio, list(layers), params.prune.structures,
                             allocation=params.prune.allocation, attention_unit=params.prune.attention_unit)
-        deltas = compensation_biases(model, plan, activations) if compensate else None
-        removed = apply_pruning(model, plan)
-        bias_params = add_compensation_biases(model, deltas) if deltas is not None else 0
+        started = time.perf_counter()
+        result = prune_and_reconstruct(model, plan, method=settings.reconstruction, mode=settings.reconstruction_mode,
+                                       damping=settings.damping, calibration_ids=calibration_ids,
+                                       batch_size=params.activations.batch_size, device=device,
+                                       activations=activations)
+        seconds = time.perf_counter() - started
+        removed, bias_params = result.params_removed, result.params_added
         params_after = count_parameters(model)
         summary = {
             "criterion": args.criterion,
@@ -87,7 +104,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "structures": list(params.prune.structures),
             "allocation": plan.allocation,
             "attention_unit": plan.attention_unit,
-            "bias_compensation": compensate,
+            "reconstruction": settings.reconstruction,
+            "reconstruction_mode": settings.reconstruction_mode,
+            "damping": settings.damping,
+            "bias_compensation": adds_bias,
+            "surgery_seconds": seconds,
+            # relative output error of o_proj / down_proj on the calibration tokens, removed vs re-fitted
+            "reconstruction_errors": result.mean_errors(),
+            "reconstruction_errors_per_layer": result.errors,
             "per_layer_fraction": plan.per_layer_fraction,
             "layer_shapes_before": [s.to_dict() for s in shapes_before],
             "layer_shapes_after": [s.to_dict() for s in layer_shapes(model)],
@@ -106,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                               params_after=params_after, achieved_ratio=summary["achieved_ratio"]))
             write_chain(tmp, chain)
             write_record_file(tmp, recorder(STAGE, {"criterion": args.criterion, "ratio": ratio_name}, inputs={
-                "model": args.model, "scores": args.scores, "activations": args.activations}).record(params))
-        run.log_metrics({k: summary[k] for k in ("achieved_ratio", "params_before", "params_after")})
+                "model": args.model, "scores": args.scores, "activations": args.activations,
+                "calibration": args.calibration}).record(params))
+        run.log_metrics({**{k: summary[k] for k in ("achieved_ratio", "params_before", "params_after", "surgery_seconds")},
+                         **summary["reconstruction_errors"]})
         run.log_artifact(args.out / SUMMARY_FILE)
 
 

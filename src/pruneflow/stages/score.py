@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         activations = load_activation_stats(args.activations, f"criterion {criterion.name!r}")
     ids = load_calibration(args.calibration)
     seed_everything(params.seed)
-    tracked = {**stage_params(params, "seed", "runtime", "score"), "criterion": criterion.name}
+    tracked = {**stage_params(params, "seed", "runtime", "score", "activations.batch_size"),
+               "criterion": criterion.name}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags={"pruneflow.criterion": criterion.name},
                    run_name=f"score {criterion.name}",
                    inputs={"model": args.model, "calibration": args.calibration, "activations": args.activations}) as run:
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         started = time.perf_counter()
         scores = criterion.score(model, ScoringInputs(
             calibration_ids=ids, activations=activations, micro_batch_size=params.score.micro_batch_size,
-            seed=params.seed, device=device, dtype=dtype,
+            forward_batch_size=params.activations.batch_size, seed=params.seed, device=device, dtype=dtype,
         ))
         seconds = time.perf_counter() - started
         scores.metadata.update({
