@@ -71,7 +71,7 @@ def _check_spelling(root: Path, spelled: str) -> None:
         dvc_outs = sorted(out.def_path for stage in repo.index.stages for out in stage.outs)
         dvc_names = sorted(stage.addressing.split(":")[-1] for stage in repo.index.stages)
     assert dvc_outs == sorted(all_outputs(params)), spelled
-    assert f"prune@taylor_element1-{name}" in dvc_names
+    assert f"prune@{params.grid.criteria[0]}-{name}" in dvc_names
 
 
 @pytest.mark.parametrize("spelled", SPELLINGS)

@@ -46,7 +46,7 @@ def test_every_kind_of_output_carries_its_whole_upstream_chain(root):
     assert prune["chain"]["calibrate"]["params"]["calibration.num_samples"] == 4
     assert set(prune["chain"]["calibrate"]["data"]) == {"data/raw/wikitext-2/train.txt"}
     assert len(prune["chain"]["prune/l2_magnitude/0.3"]["code"]) == 64
-    assert set(prune["inputs"]) == {"model", "scores", "activations"}
+    assert set(prune["inputs"]) == {"model", "scores", "activations", "calibration"}
     assert prune["inputs"]["model"]["md5"].endswith(".dir")
     scores = read_record(root / "data/scores/l2_magnitude.safetensors")  # safetensors metadata
     assert set(scores["chain"]) == {"prepare_model", "calibrate", "cache_activations", "score/l2_magnitude"}

@@ -22,8 +22,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scores", type=Path, required=True)
     parser.add_argument("--activations", type=Path, required=True,
                         help="activation cache (its Gram matrices and means feed the reconstruction)")
-    parser.add_argument("--calibration", type=Path, required=True,
-                        help="calibration ids (forward passes of the sequential reconstruction)")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="calibration ids: needed by the sequential reconstruction, and by the parallel one "
+                             "when the activation cache holds no Gram matrices (the pipeline always passes it)")
     parser.add_argument("--criterion", required=True)
     parser.add_argument("--ratio", required=True, help="fraction of all parameters to remove, [0, 1)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
@@ -69,7 +70,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from pruneflow.stages.calibrate import load_calibration
 
         activations = load_activation_stats(args.activations, f"prune.reconstruction={settings.reconstruction!r}")
-        calibration_ids = load_calibration(args.calibration)
+        if args.calibration is not None:
+            calibration_ids = load_calibration(args.calibration)
+        elif settings.reconstruction_mode == "sequential" or not any(k.endswith(".gram") for k in activations):
+            from pruneflow.errors import ConfigError
+
+            why = ("prune.reconstruction_mode='sequential'" if settings.reconstruction_mode == "sequential"
+                   else "an activation cache without Gram matrices (activations.gram_matrices: false)")
+            raise ConfigError(f"--calibration is required by {why}; pass the calibration ids file")
     from pruneflow.runtime import resolve_device
 
     # fp32 for exact surgery and solves; forward passes (sequential mode, Gram matrices not cached) on the device
@@ -108,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             "reconstruction_mode": settings.reconstruction_mode,
             "damping": settings.damping,
             "bias_compensation": adds_bias,
-            "surgery_seconds": seconds,
             # relative output error of o_proj / down_proj on the calibration tokens, removed vs re-fitted
             "reconstruction_errors": result.mean_errors(),
             "reconstruction_errors_per_layer": result.errors,
@@ -129,11 +136,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             chain.append(step(STAGE, command_line(), tracked, params_before=plan.params_before,
                               params_after=params_after, achieved_ratio=summary["achieved_ratio"]))
             write_chain(tmp, chain)
-            write_record_file(tmp, recorder(STAGE, {"criterion": args.criterion, "ratio": ratio_name}, inputs={
-                "model": args.model, "scores": args.scores, "activations": args.activations,
-                "calibration": args.calibration}).record(params))
-        run.log_metrics({**{k: summary[k] for k in ("achieved_ratio", "params_before", "params_after", "surgery_seconds")},
-                         **summary["reconstruction_errors"]})
+            inputs = {"model": args.model, "scores": args.scores, "activations": args.activations}
+            if args.calibration is not None:
+                inputs["calibration"] = args.calibration
+            write_record_file(tmp, recorder(STAGE, {"criterion": args.criterion, "ratio": ratio_name},
+                                            inputs=inputs).record(params))
+        # wall time goes to MLflow only: the checkpoint folder stays byte-identical across reruns
+        run.log_metrics({**{k: summary[k] for k in ("achieved_ratio", "params_before", "params_after")},
+                         "surgery_seconds": seconds, **summary["reconstruction_errors"]})
         run.log_artifact(args.out / SUMMARY_FILE)
 
 
