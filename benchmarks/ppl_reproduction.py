@@ -2,7 +2,7 @@
 
 Evaluates the full WikiText-2 raw test set, PTB validation (LLM-Pruner's "PTB") and PTB test at 128
 tokens with `pruneflow.perplexity` and compares against the independently measured references in
-DESIGN.md section 7 (SmolLM2-135M-Instruct, fp32). Writes reports/benchmarks/ppl_reproduction.{json,md}.
+independently measured reference values (SmolLM2-135M-Instruct, fp32). Writes reports/benchmarks/ppl_reproduction.{json,md}.
 
     python benchmarks/ppl_reproduction.py [--model data/models/dense] [--device auto]
 """
@@ -26,7 +26,7 @@ from pruneflow.pipeline.atomic import write_json, write_text
 from pruneflow.runtime import resolve_device
 from pruneflow.text_data import PPL_SOURCES, evaluation_text
 
-REFERENCE = {  # DESIGN.md section 7: windows of 128 tokens, no BOS, fp32
+REFERENCE = {  # independently measured: windows of 128 tokens, no BOS, fp32
     "wikitext2": {"ppl": 56.09, "windows": 2382},
     "ptb": {"ppl": 99.01, "windows": 730},
     "ptb_test": {"ppl": 87.09, "windows": 826},
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out.with_suffix(".json"), payload)
     lines = [
         "# Perplexity protocol reproduction (dense model, 128-token windows)", "",
-        f"Command: `{command}`; device: {device_name}; fp32. References: DESIGN.md section 7.", "",
+        f"Command: `{command}`; device: {device_name}; fp32. References: independently measured values (the REFERENCE table in benchmarks/ppl_reproduction.py).", "",
         "| text | ppl | reference | difference | windows | within 1% |", "|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:

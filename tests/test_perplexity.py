@@ -68,7 +68,7 @@ def test_bad_evaluation_files_are_clear_errors(tmp_path, content):
 
 @pytest.mark.embedded
 def test_dense_smollm2_reproduces_reference_perplexity():
-    """DESIGN.md §7: raw WikiText-2 test, first 300 windows of 128 tokens = 56.84 (fp32, CPU)."""
+    """Reference: raw WikiText-2 test, first 300 windows of 128 tokens = 56.84 (fp32, CPU)."""
     pytest.importorskip("gguf")
     from pruneflow.modeling import load_source, resolve_source
 

@@ -333,32 +333,6 @@ def check_bias_compensation(model_type: str | None, setting: str = "prune.recons
         )
 
 
-def compensation_biases(model: nn.Module, plan: PruningPlan,
-                        activations: Mapping[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per pruned layer, the o_proj and down_proj bias that stands in for the removed inputs:
-    W[:, removed] @ mean(X[removed]). Computed before surgery, while the columns exist."""
-    from pruneflow.importance.activation import input_mean_and_variance
-
-    size = head_dim(model)
-    blocks = decoder_layers(model)
-    deltas = {}
-    for i in plan.layers:
-        attn, mlp = blocks[i].self_attn, blocks[i].mlp
-        o_mean, _ = input_mean_and_variance(activations, i, "o_proj")
-        down_mean, _ = input_mean_and_variance(activations, i, "down_proj")
-        if o_mean.numel() != attn.o_proj.in_features or down_mean.numel() != mlp.down_proj.in_features:
-            raise DataError(f"cached activations of layer {i} do not match the model's widths; rerun cache_activations")
-        columns = _rows_of_heads(plan.removed_query_heads[i], size)
-        channels = torch.tensor(plan.removed_ffn_channels[i], dtype=torch.long)
-        with torch.no_grad():
-            o_weight = attn.o_proj.weight.detach().double().cpu()
-            down_weight = mlp.down_proj.weight.detach().double().cpu()
-            o_delta = o_weight[:, columns] @ o_mean[columns] if len(columns) else torch.zeros(o_weight.shape[0], dtype=torch.float64)
-            down_delta = down_weight[:, channels] @ down_mean[channels] if len(channels) else torch.zeros(down_weight.shape[0], dtype=torch.float64)
-        deltas[i] = (o_delta, down_delta)
-    return deltas
-
-
 def _with_bias(linear: nn.Linear) -> nn.Linear:
     if linear.bias is not None:
         return linear

@@ -30,6 +30,7 @@ from torch import nn
 
 from pruneflow.architectures import decoder_layers
 from pruneflow.architectures import layer_shape as layer_shape_of
+from pruneflow.config import BIAS_RECONSTRUCTIONS, RECONSTRUCTION_MODES, RECONSTRUCTIONS
 from pruneflow.gram import (
     PROJECTIONS,
     GramAccumulator,
@@ -189,8 +190,8 @@ def scores_from_order(result: ObsOrder, num_units: int) -> torch.Tensor:
 
 # ---- model level: collect the Gram matrices, re-fit, remove ----
 
-METHODS = ("none", "bias", "least_squares", "least_squares_bias")
-MODES = ("parallel", "sequential")
+METHODS = RECONSTRUCTIONS
+MODES = RECONSTRUCTION_MODES
 
 
 @dataclass
@@ -304,7 +305,7 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
         raise ValueError(f"reconstruction mode {mode!r}; allowed: {', '.join(MODES)}")
     if method == "none":
         return ReconstructionResult(params_removed=apply_pruning(model, plan), params_added=0)
-    adds_bias = method in ("bias", "least_squares_bias")
+    adds_bias = method in BIAS_RECONSTRUCTIONS
     if adds_bias:
         check_bias_compensation(getattr(model.config, "model_type", None), f"prune.reconstruction={method!r}")
     if calibration_ids is None and mode == "sequential":

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pruneflow.config import format_ratio, load_params, parse_ratio, stage_params
+from pruneflow.config import BIAS_RECONSTRUCTIONS, format_ratio, load_params, parse_ratio, stage_params
 from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
 
 STAGE = "prune"
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.pruning import check_bias_compensation
 
     settings = params.prune
-    adds_bias = settings.reconstruction in ("bias", "least_squares_bias")
+    adds_bias = settings.reconstruction in BIAS_RECONSTRUCTIONS
     require_file(args.model, "model folder")
     from pruneflow.checkpoint import load_pruned, read_config_dict, save_pruned
 
