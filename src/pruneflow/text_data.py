@@ -1,6 +1,6 @@
 """Text corpora for perplexity and calibration, read through `datasets` from data/raw.
 
-The evaluation strings follow the recipes the papers' numbers depend on (windows of 128 tokens without BOS, the remainder dropped):
+The evaluation strings follow the recipes the papers' numbers depend on:
 - wikitext2: rows of WikiText-2 *raw* test, blank rows as "", joined by "\\n\\n" (GPTQ/Wanda/LLM-Pruner).
 - ptb: the Mikolov PTB **validation** split (what LLM-Pruner's `get_ptb` returns), lines stripped,
   joined by "\\n\\n"; `ptb_test` is the test split the same way.
