@@ -68,11 +68,13 @@ class Method:
 
 
 def default_methods(criteria: list[str], extras_too: bool = True,
-                    reconstructions: tuple[tuple[str, str], ...] = (("none", "parallel"),)) -> list[Method]:
+                    reconstructions: tuple[tuple[str, str], ...] = (("none", "parallel"),),
+                    attention_unit: str = "kv_group") -> list[Method]:
     """Each criterion with each (reconstruction, mode); FLAP also with its own bias compensation."""
-    methods = [Method(name, reconstruction=r, reconstruction_mode=m) for name in criteria for r, m in reconstructions]
+    methods = [Method(name, attention_unit=attention_unit, reconstruction=r, reconstruction_mode=m)
+               for name in criteria for r, m in reconstructions]
     if "flap" in criteria and ("bias", "parallel") not in reconstructions:
-        methods.append(Method("flap", reconstruction="bias"))
+        methods.append(Method("flap", attention_unit=attention_unit, reconstruction="bias"))
     if not extras_too:
         return methods
     extras = [
@@ -149,7 +151,7 @@ def score_all(criteria: list[str], args, scores_dir: Path) -> dict[str, dict[str
 
 def evaluate_model(model, tokenizer, texts: dict[str, torch.Tensor], args, device, with_zeroshot: bool) -> dict:
     from pruneflow.perplexity import perplexity
-    from pruneflow.zeroshot import evaluate_zeroshot, zeroshot_average
+    from pruneflow.zeroshot import evaluate_zeroshot, zeroshot_average, zeroshot_average_stderr
 
     result: dict[str, Any] = {"perplexity": {}}
     for name, ids in texts.items():
@@ -161,24 +163,35 @@ def evaluate_model(model, tokenizer, texts: dict[str, torch.Tensor], args, devic
                                      batch_size=args.zeroshot_batch_size, device=device)
         result["zeroshot"] = zeroshot
         result["zeroshot_average"] = zeroshot_average(zeroshot)
+        result["zeroshot_average_stderr"] = zeroshot_average_stderr(zeroshot)
     return result
 
 
 def prune_method(dense, scores, method: Method, ratio: float, layers: list[int], params, stats, calibration_ids,
                  device):
-    """Plan, remove and re-fit exactly as the prune stage does (pruneflow.reconstruction)."""
+    """Plan, remove and re-fit exactly as the prune stage does (pruneflow.reconstruction; attention_unit
+    auto searches the layouts as pruneflow.layout_search does there)."""
     from pruneflow.architectures import count_parameters
+    from pruneflow.layout_search import calibration_loss, choose_layout, layouts_to_try
     from pruneflow.pruning import plan_pruning
     from pruneflow.reconstruction import prune_and_reconstruct
 
+    def prune_with(target, layout):
+        plan = plan_pruning(target, scores, ratio, layers, layout.structures, allocation=method.allocation,
+                            attention_unit=layout.attention_unit)
+        return prune_and_reconstruct(target, plan, method=method.reconstruction, mode=method.reconstruction_mode,
+                                     damping=params.prune.damping, calibration_ids=calibration_ids,
+                                     batch_size=params.activations.batch_size, device=device, activations=stats)
+
     model = copy.deepcopy(dense)
-    plan = plan_pruning(model, scores, ratio, layers, params.prune.structures, allocation=method.allocation,
-                        attention_unit=method.attention_unit)
     started = time.perf_counter()
-    result = prune_and_reconstruct(model, plan, method=method.reconstruction, mode=method.reconstruction_mode,
-                                   damping=params.prune.damping, calibration_ids=calibration_ids,
-                                   batch_size=params.activations.batch_size, device=device, activations=stats)
+    layout, trials = choose_layout(
+        model, layouts_to_try(params.prune.structures, method.attention_unit), prune_with,
+        lambda trial: calibration_loss(trial, calibration_ids, params.prune.search_samples,
+                                       params.activations.batch_size, device))
+    result = prune_with(model, layout)
     return model, count_parameters(model), {"surgery_seconds": time.perf_counter() - started,
+                                            "layout": layout.label, "layout_search": [t.to_dict() for t in trials],
                                             **result.mean_errors()}
 
 
@@ -259,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"method": "dense", "source": "-", "ratio": 0.0, "params": params_dense, **dense_eval})
     print(f"dense: {dense_eval['perplexity']['wikitext2']['ppl']:.2f}", flush=True)
     target_params: dict[float, int] = {}
-    for method in default_methods(criteria, extras_too=not args.no_extras, reconstructions=reconstructions):
+    for method in default_methods(criteria, extras_too=not args.no_extras, reconstructions=reconstructions,
+                                  attention_unit=params.prune.attention_unit):
         if "error" in scoring.get(method.criterion, {"error": "not scored"}):
             continue
         scores = GroupScores.load(scoring[method.criterion]["scores"])
@@ -419,10 +433,14 @@ def render_markdown(payload: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in sorted(payload["rows"], key=lambda r: (r["ratio"], r["source"] != "-", _ppl(r, "wikitext2") or 1e30)):
+        layout = (row.get("surgery") or {}).get("layout")
+        method = f"{row['method']} ({layout})" if layout and row.get("attention_unit") == "auto" else row["method"]
+        zeroshot = _fmt(None if row.get("zeroshot_average") is None else 100 * row["zeroshot_average"], 1)
+        if row.get("zeroshot_average_stderr") is not None:
+            zeroshot += f" ± {100 * row['zeroshot_average_stderr']:.1f}"
         lines.append(
-            f"| {row['method']} | {row['source']} | {row['ratio']:.2f} | {_fmt(row.get('params'), 0)} | "
-            f"{_fmt(_ppl(row, 'wikitext2'))} | {_fmt(_ppl(row, 'ptb'))} | "
-            f"{_fmt(None if row.get('zeroshot_average') is None else 100 * row['zeroshot_average'], 1)} | "
+            f"| {method} | {row['source']} | {row['ratio']:.2f} | {_fmt(row.get('params'), 0)} | "
+            f"{_fmt(_ppl(row, 'wikitext2'))} | {_fmt(_ppl(row, 'ptb'))} | {zeroshot} | "
             f"{row.get('status', 'ok')[:120]} |")
     lines += ["", "## Scoring cost per criterion", "",
               "| criterion | seconds | peak RSS MiB | RSS after model load MiB | peak GPU MiB |", "|---|---:|---:|---:|---:|"]

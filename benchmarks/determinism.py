@@ -24,6 +24,7 @@ import torch
 from pruneflow.checkpoint import load_pruned
 from pruneflow.config import load_params
 from pruneflow.importance import ScoringInputs, get_criterion
+from pruneflow.layout_search import layouts_to_try
 from pruneflow.pipeline.atomic import write_json, write_text
 from pruneflow.pruning import apply_pruning, plan_pruning
 from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
@@ -57,8 +58,9 @@ def compare_criterion(name: str, dense, params, ids, stats, device, dtype, ratio
     plans, models = [], []
     for scores in (first, second):
         model = copy.deepcopy(dense).float().cpu()
-        plan = plan_pruning(model, scores, ratio, layers, params.prune.structures,
-                            allocation=params.prune.allocation, attention_unit=params.prune.attention_unit)
+        layout = layouts_to_try(params.prune.structures, params.prune.attention_unit)[0]  # auto: its first
+        plan = plan_pruning(model, scores, ratio, layers, layout.structures,
+                            allocation=params.prune.allocation, attention_unit=layout.attention_unit)
         apply_pruning(model, plan)
         plans.append(plan)
         models.append(model.to(device=device, dtype=dtype))

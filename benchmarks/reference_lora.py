@@ -4,7 +4,8 @@ What a user runs after a stand-alone pruning script: load the pruned model, wrap
 every linear layer of the decoder, train with `transformers.Trainer` (gradient accumulation to the
 recipe's batch, linear warmup, periodic evaluation on a held-out split, best checkpoint kept),
 merge and save. The examples are exactly pruneflow's (same files, seeded mix, split, Alpaca
-prompts, cutoff), so only the training engine and the scripts around it differ; the settings come
+prompts or text blocks, cutoff; its objective is always the next-token loss), so only the training
+engine and the scripts around it differ; the settings come
 from the `recover:` section of a params file (its `laptop:` caps when scale is laptop).
 
     python benchmarks/reference_lora.py --params params.yaml --model PRUNED_DIR --out OUT_DIR
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from pruneflow.checkpoint import load_pruned, save_pruned
     from pruneflow.config import load_params
     from pruneflow.modeling import load_tokenizer
-    from pruneflow.recovery import check_lora_targets, load_instruction_data, tokenize_for_training
+    from pruneflow.recovery import check_lora_targets, load_training_data
 
     started = time.perf_counter()
     params = load_params(args.params)
@@ -42,10 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train, val = load_instruction_data(cfg.data, val_size=cfg.val_size, seed=params.seed,
-                                       max_train_samples=cfg.max_train_samples)
-    train = tokenize_for_training(train, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
-    val = tokenize_for_training(val, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
+    train, val = load_training_data(cfg.data, tokenizer, cutoff_len=cfg.cutoff_len,
+                                    train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size, seed=params.seed,
+                                    max_train_samples=cfg.max_train_samples)
 
     cuda = torch.cuda.is_available()
     model = load_pruned(args.model, dtype=torch.bfloat16 if cuda else torch.float32,

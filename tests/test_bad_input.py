@@ -142,6 +142,7 @@ def test_empty_zeroshot_file(workdir, capsys):
 
 
 def test_empty_instruction_file(workdir, capsys):
+    set_param(workdir, "recover.data", ["data/raw/instruct/gsm_8k_train.json"])
     (workdir / "data/raw/instruct/gsm_8k_train.json").write_text("[]")
     out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
     err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
@@ -207,6 +208,33 @@ def test_lora_cutoff_longer_than_the_model_context(workdir, capsys):
     assert _untouched(out)
 
 
+def test_distillation_without_a_teacher(workdir, capsys):
+    set_param(workdir, "recover.objective", "distill")
+    out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    assert "recover.objective='distill' needs the dense teacher: pass --teacher MODEL_DIR" in err
+    assert _untouched(out)
+
+
+def test_distillation_teacher_with_another_vocabulary(workdir, capsys):
+    set_param(workdir, "recover.objective", "distill")
+    _model_copy(workdir, "models/other-vocab", vocab_size=999)
+    out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--teacher", "models/other-vocab", "--out", str(out)],
+                     capsys)
+    assert "--teacher models/other-vocab has a vocabulary of 999 tokens" in err and "the dense model it was pruned" in err
+    assert _untouched(out)
+
+
+def test_recovery_text_shorter_than_one_block(workdir, capsys):
+    (workdir / "data/raw/short.txt").write_text("a few words\n")
+    set_param(workdir, "recover.data", ["data/raw/short.txt"])
+    out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    assert "recovery text file 'data/raw/short.txt' has" in err and "fewer than one block of recover.cutoff_len=64" in err
+    assert _untouched(out)
+
+
 def test_layer_range_outside_the_model_at_the_prune_stage(workdir, capsys):
     set_param(workdir, "prune.layer_start", 10)  # the tiny model has 4 layers
     out = _sentinel(workdir / "data/pruned/taylor_element1/0.3")
@@ -247,6 +275,7 @@ def test_non_utf8_zeroshot_file(workdir, capsys):
 
 
 def test_non_utf8_instruction_file(workdir, capsys):
+    set_param(workdir, "recover.data", ["data/raw/instruct/gsm_8k_train.json"])
     (workdir / "data/raw/instruct/gsm_8k_train.json").write_bytes('[{"instruction": "caf\u00e9"}]'.encode("latin-1"))
     out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
     err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)

@@ -124,3 +124,36 @@ def test_reconstruction_benchmark_compares_settings_on_the_same_windows(tmp_path
     assert plain["errors"]["down_proj_error_refit"] == 0.0  # `none` measures nothing
     assert "error" in bad
     assert "| obs | ffn | uniform" in out.with_suffix(".md").read_text()
+
+
+def test_recovery_benchmark_compares_recipes_at_equal_steps_and_equal_time(tmp_path, tiny_checkpoint):
+    from pruneflow.config import load_params
+
+    from .tiny_project import TINY_OVERRIDES, _merge, write_tiny_data
+
+    write_tiny_data(tmp_path / "raw")
+    params = _merge(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()), TINY_OVERRIDES)
+    params["mlflow"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    text = str(tmp_path / "raw/wikitext-2/train.txt")
+    instructions = str(tmp_path / "raw/instruct/gsm_8k_train.json")
+    bench = _load("recovery")
+    out = tmp_path / "recovery"
+    bench.main(["--pruned", str(tiny_checkpoint), "--dense", str(tiny_checkpoint), "--params", str(tmp_path / "params.yaml"),
+                "--data-dir", str(tmp_path / "raw"), "--windows", "2", "--out", str(out), "--settings",
+                f"kd:objective=distill,method=full,data={text},max_steps=3,learning_rate=1e-3",
+                f"lm:objective=lm,method=lora,data={instructions},max_steps=2",
+                f"lm-time:objective=lm,method=lora,data={instructions},max_steps=time:kd/lm"])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["dense", "pruned, no recovery", "kd", "lm", "lm-time"]
+    kd, lm, lm_time = rows[2:]
+    assert kd["settings"]["objective"] == "distill" and kd["teacher_seconds"] > 0 and lm["teacher_seconds"] == 0
+    assert kd["optimizer_steps"] == 3 and lm["optimizer_steps"] == 2
+    per_step = lm["train_seconds"] / lm["optimizer_steps"]
+    assert lm_time["optimizer_steps"] == max(1, round(kd["train_seconds"] / per_step))
+    # the teacher is the model itself here: distillation starts at KL 0 and a step cannot lower it
+    assert kd["initial_val_loss"] == pytest.approx(0.0, abs=1e-6)
+    text_md = out.with_suffix(".md").read_text()
+    assert "| kd | distill | full | train.txt | 0.001 | 3 |" in text_md
+    with pytest.raises(SystemExit, match="unknown recover key 'lora_rank'"):
+        bench.recover_params(load_params(tmp_path / "params.yaml").recover, {"lora_rank": "4"}, None)

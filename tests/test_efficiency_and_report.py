@@ -96,6 +96,10 @@ def test_report_is_shaped_like_llm_pruner_table_1():
     assert table[2] == "| 0% | dense | - | 1.0 | 20.00 | 10.00 | 75.0 | 25.0 | 50.0 |"
     assert table[3].startswith("| 20% / 20.0% | flap+global+bias-comp | no |")
     assert table[4].startswith("| 20% / 20.0% | flap+global | LoRA |")
+    distilled = _record("recovered/flap/0.2", "recovered", "flap", 0.2, 25.0, 1250.0, allocation="global")
+    distilled["summaries"]["recovery"] = {"objective": "distill", "method": "full"}
+    assert markdown_table(results_frame([distilled]), [distilled]).splitlines()[2].startswith(
+        "| 20% / 20.0% | flap+global | distill |")
     speed = efficiency_table(frame)
     assert "| pruned/flap/0.2 | 1.0 | 2.0 | 10.0 | 1,200 | 1.20x | 50.0 | 12 |" in speed
     settings = "\n".join(setting_lines(records))

@@ -53,10 +53,16 @@ def _check_outputs(root) -> None:
     assert [s["stage"] for s in pruned["provenance"]] == ["prepare_model", "score", "prune", "evaluate"]
     assert (root / "reports/plots/ppl_vs_ratio.png").stat().st_size > 1000
     assert (root / "reports/plots/quality_vs_throughput.png").stat().st_size > 1000
-    assert re.search(r"\| 30% / \d+\.\d% \| taylor_element1\+ls \| LoRA \|", results)  # its Table-1 row (ls: the refit)
+    # its Table-1 row (ls: the refit; distill+LoRA: the default objective with the tiny project's LoRA)
+    assert re.search(r"\| 30% / \d+\.\d% \| taylor_element1\+ls \| distill\+LoRA \|", results)
     recovered = root / "data/recovered/taylor_element1/0.3"
     assert (recovered / "adapter/adapter_model.safetensors").is_file()
-    assert json.loads((recovered / "recovery_summary.json").read_text())["optimizer_steps"] == 2
+    recovery = json.loads((recovered / "recovery_summary.json").read_text())
+    assert recovery["optimizer_steps"] == 2 and recovery["objective"] == "distill" and recovery["teacher_seconds"] > 0
+    assert {"loss", "lm_loss"} <= set(recovery["history"][1]) and "val_lm_loss" in recovery["history"][0]
+    # the layout search ran (attention_unit: auto) and its trials are recorded
+    trials = json.loads((root / "data/pruned/taylor_element1/0.3/pruning_summary.json").read_text())["layout_search"]
+    assert [t["layout"] for t in trials] == ["ffn", "kv_group+ffn", "query_head+ffn"]
     assert (root / "reports/results.csv").read_text().count("\n") == 5
 
 

@@ -161,6 +161,14 @@ def test_missing_instruction_file_is_refused_only_when_something_is_recovered(ro
     check_plan(load_params(root / "params.yaml"), root, devices=False)
 
 
+def test_recovery_text_file_is_checked_and_its_suffix_named(root):
+    set_param(root, "recover.data", ["/nowhere/train.txt"])
+    assert "recovery text file '/nowhere/train.txt' does not exist" in _plan_error(root)
+    (root / "data/raw/empty.txt").write_text("")
+    set_param(root, "recover.data", ["data/raw/empty.txt"])
+    assert "recovery text file" in _plan_error(root) and "empty.txt' is empty" in _plan_error(root)
+
+
 def test_a_zero_shot_task_file_is_checked_when_configured(root):
     (root / "data/raw/zeroshot/boolq.jsonl").unlink()
     check_plan(load_params(root / "params.yaml"), root, devices=False)  # boolq is not configured

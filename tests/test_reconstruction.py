@@ -262,3 +262,64 @@ def test_obs_criterion_scores_follow_the_greedy_order_on_the_real_inputs(tokeniz
     expected = obs_removal_order(weight, torch.from_numpy(x.T @ x), [[c] for c in range(weight.shape[1])], 1e-3)
     assert torch.argsort(scores.ffn[1], stable=True).tolist() == expected.order
     assert len(scores.attention[1]) == 2 and len(scores.attention_heads[1]) == 8
+
+
+# ---- attention_unit: auto ----
+
+from pruneflow.errors import ConfigError  # noqa: E402
+from pruneflow.layout_search import Layout, calibration_loss, choose_layout, layouts_to_try  # noqa: E402
+
+
+def test_layouts_to_try_follow_the_allowed_structures():
+    assert layouts_to_try(["attention", "ffn"], "query_head") == [Layout(("attention", "ffn"), "query_head")]
+    assert [c.label for c in layouts_to_try(["attention", "ffn"], "auto")] == ["ffn", "kv_group+ffn",
+                                                                               "query_head+ffn"]
+    assert [c.label for c in layouts_to_try(["ffn"], "auto")] == ["ffn"]
+    assert [c.label for c in layouts_to_try(["attention"], "auto")] == ["kv_group", "query_head"]
+
+
+def test_auto_layout_is_the_argmin_of_an_independent_loss(tokenizer, token_ids):
+    model = _tiny(tokenizer)
+    scores = get_criterion("l2_magnitude").score(model, ScoringInputs(calibration_ids=token_ids))
+
+    def prune(target, layout):
+        plan = plan_pruning(target, scores, 0.2, range(1, 4), layout.structures, attention_unit=layout.attention_unit)
+        return prune_and_reconstruct(target, plan, method="least_squares", mode="parallel", damping=1e-3,
+                                     calibration_ids=token_ids, batch_size=2)
+
+    candidates = layouts_to_try(["attention", "ffn"], "auto")
+    chosen, trials = choose_layout(model, candidates, prune, lambda m: calibration_loss(m, token_ids, 2, 2))
+    # independent: each layout on its own copy, mean next-token loss by hand over the first 2 sequences
+    losses = {}
+    for layout in candidates:
+        copy_ = _tiny(tokenizer)
+        prune(copy_, layout)
+        with torch.no_grad():
+            logits = copy_(input_ids=token_ids[:2]).logits[:, :-1]
+        losses[layout] = float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 token_ids[:2, 1:].reshape(-1)))
+    assert chosen == min(losses, key=losses.get)
+    assert [t.layout for t in trials] == candidates
+    for trial in trials:
+        assert trial.loss == pytest.approx(losses[trial.layout], rel=1e-5)
+    assert len(set(losses.values())) == 3  # the layouts really differ
+    assert torch.equal(_logits(model, token_ids), _logits(_tiny(tokenizer), token_ids))  # the input is untouched
+
+
+def test_auto_layout_skips_a_layout_that_cannot_reach_the_ratio(tokenizer, token_ids):
+    model = _tiny(tokenizer)
+    scores = get_criterion("l2_magnitude").score(model, ScoringInputs(calibration_ids=token_ids))
+    ratio = 0.45  # more than the FFN of layers 1..3 holds (0.391), less than attention + FFN
+
+    def prune(target, layout):
+        plan_pruning(target, scores, ratio, range(1, 4), layout.structures, attention_unit=layout.attention_unit)
+
+    chosen, trials = choose_layout(model, layouts_to_try(["attention", "ffn"], "auto"), prune,
+                                   lambda m: float(count_parameters(m)))
+    assert trials[0].error and "hold only" in trials[0].error and trials[0].loss is None
+    assert chosen != Layout(("ffn",), "kv_group")
+    with pytest.raises(ConfigError, match="hold only"):
+        choose_layout(model, [Layout(("ffn",), "kv_group"), Layout(("ffn",), "query_head")], prune,
+                      lambda m: 0.0)
+    single, none_tried = choose_layout(model, [Layout(("ffn",), "kv_group")], prune, lambda m: 0.0)
+    assert single == Layout(("ffn",), "kv_group") and none_tried == []

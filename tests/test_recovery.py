@@ -1,9 +1,10 @@
-"""LoRA recovery: data loading and validation, prompt/labels, training, best checkpoint, merge."""
+"""Recovery: data loading and validation, prompt/labels, training, distillation, full, best checkpoint, merge."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ from pruneflow.recovery import (
     alpaca_prompt,
     load_instruction_data,
     merge_lora,
-    recover_with_lora,
+    recover,
     tokenize_for_training,
-    train_lora,
+    train_recovery,
 )
 from pruneflow.tiny_models import tiny_model, tiny_tokenizer
 
@@ -66,6 +67,8 @@ def data_file(tmp_path: Path) -> Path:
 
 def _params(data_file: Path, **overrides) -> RecoverParams:
     base = dict(
+        objective="lm",
+        method="lora",
         data=(str(data_file),),
         batch_size=4,
         micro_batch_size=2,
@@ -88,7 +91,7 @@ def _split(data_file: Path, params: RecoverParams, seed: int = 0):
 
 def _run(model, tok, data_file: Path, params: RecoverParams, seed: int = 0, **kwargs):
     train, val = _split(data_file, params)
-    return recover_with_lora(
+    return recover(
         model, tok, train, val, params, seed=seed, device=CPU, dtype=torch.float32, progress=False, **kwargs
     )
 
@@ -246,7 +249,7 @@ def test_lora_merge_keeps_outputs(tok, data_file):
     original = copy.deepcopy(model)
     params = _params(data_file, learning_rate=1e-2, max_steps=5, val_size=0)
     train, _ = _split(data_file, params)
-    result = train_lora(
+    result = train_recovery(
         model, tok, train, None, params, seed=0, device=CPU, dtype=torch.float32, progress=False
     )
     peft_model = result.model
@@ -342,7 +345,7 @@ def test_qwen2_with_attention_biases(tok, data_file):
 def test_best_checkpoint_is_the_val_argmin_and_is_merged(tok, data_file):
     params = _params(data_file, max_steps=7, eval_every_steps=2, learning_rate=1e-2)
     train, val = _split(data_file, params)
-    result = recover_with_lora(
+    result = recover(
         tiny_model("llama", vocab_size=len(tok)),
         tok,
         train,
@@ -372,9 +375,10 @@ def _scripted_val_losses(monkeypatch, values: list[float]) -> list[dict]:
 
     def fake(model, dataset, **kwargs):
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        return queue.pop(0)
+        value = queue.pop(0)
+        return value, value
 
-    monkeypatch.setattr(recovery, "evaluate_loss", fake)
+    monkeypatch.setattr(recovery, "evaluate_losses", fake)
     return snapshots
 
 
@@ -382,7 +386,7 @@ def test_best_weights_are_restored_not_the_last(tok, data_file, monkeypatch):
     snapshots = _scripted_val_losses(monkeypatch, [5.0, 4.0, 3.0, 3.5, 4.5])
     params = _params(data_file, max_steps=8, eval_every_steps=2, learning_rate=1e-2)
     train, val = _split(data_file, params)
-    result = train_lora(
+    result = train_recovery(
         tiny_model("llama", vocab_size=len(tok)), tok, train, val, params, seed=0, device=CPU,
         dtype=torch.float32, progress=False,
     )  # fmt: skip
@@ -420,3 +424,123 @@ def test_failure_mid_training_leaves_the_model_unwrapped(tok, data_file):
     batch = _batch(tok, ["The number is 3."])
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, original(**batch).logits, atol=0, rtol=0)
+
+
+# -------------------------------------------------------------------------- text and distillation
+
+
+def _text_file(tmp_path: Path, lines: int = 60) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f" = Section {i} = \nThe value {i} follows {i - 1} and precedes {i + 1}.\n"
+                            for i in range(lines)))
+    return path
+
+
+def test_text_blocks_are_the_concatenated_tokens_cut_in_order(tok, tmp_path):
+    path = _text_file(tmp_path, lines=20)
+    blocks = recovery.text_blocks(path, tok, block_len=32)
+    expected = [t for line in path.read_text().splitlines(keepends=True)
+                for t in tok(line, add_special_tokens=False)["input_ids"]]
+    assert len(blocks) == len(expected) // 32 > 2
+    assert [t for row in blocks["input_ids"] for t in row] == expected[: len(blocks) * 32]
+    assert blocks["labels"] == blocks["input_ids"] and all(sum(m) == 32 for m in blocks["attention_mask"])
+    (tmp_path / "short.txt").write_text("tiny\n")
+    with pytest.raises(DataError, match=r"short\.txt.*fewer than one block of recover\.cutoff_len=32"):
+        recovery.text_blocks(tmp_path / "short.txt", tok, block_len=32)
+
+
+def test_training_data_mixes_text_and_instructions(tok, tmp_path, data_file):
+    text = _text_file(tmp_path)
+    n_blocks = len(recovery.text_blocks(text, tok, block_len=48))
+    train, val = recovery.load_training_data([str(data_file), str(text)], tok, cutoff_len=48, train_on_inputs=False,
+                                             val_size=6, seed=1)
+    assert len(train) + len(val) == 40 + n_blocks and len(val) == 6
+    again, _ = recovery.load_training_data([str(data_file), str(text)], tok, cutoff_len=48, train_on_inputs=False,
+                                           val_size=6, seed=1)
+    assert train["input_ids"] == again["input_ids"]
+    masked = [row for row in train["labels"] if recovery.IGNORE_INDEX in row]
+    assert masked and len(masked) < len(train)  # instructions mask their prompts, text blocks do not
+    with pytest.raises(ConfigError, match=r"recover\.data='notes\.md' is not allowed; allowed: .*\.json.*\.txt"):
+        recovery.load_training_data(["notes.md"], tok, cutoff_len=48, train_on_inputs=True, val_size=0, seed=0)
+    with pytest.raises(ConfigError, match=r"recover\.val_size=999 .* training examples"):
+        recovery.load_training_data([str(text)], tok, cutoff_len=48, train_on_inputs=True, val_size=999, seed=0)
+
+
+def test_distillation_kl_equals_a_hand_computation():
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(2, 5, 7, generator=generator, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
+    for temperature in (1.0, 2.0, 0.5):
+        expected = 0.0
+        for b in range(2):
+            for t in range(5):
+                if not mask[b, t]:
+                    continue
+                p = [math.exp(x / temperature) for x in teacher[b, t].tolist()]
+                q = [math.exp(x / temperature) for x in student[b, t].tolist()]
+                p = [x / sum(p) for x in p]
+                q = [x / sum(q) for x in q]
+                expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+        got = recovery.distillation_kl_sum(student, teacher, mask, temperature)
+        assert float(got) == pytest.approx(expected * temperature**2, rel=1e-5)
+    assert float(recovery.distillation_kl_sum(teacher, teacher, mask, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_objective_mixes_kl_and_next_token_loss(tok, data_file):
+    student, teacher = tiny_model("llama", vocab_size=len(tok)), tiny_model("llama", vocab_size=len(tok), seed=1)
+    train, _ = _split(data_file, _params(data_file))
+    batch = recovery._collate(range(3), tokenize_for_training(train, tok, cutoff_len=64, train_on_inputs=False)
+                              ["input_ids"][:], tokenize_for_training(train, tok, cutoff_len=64,
+                                                                      train_on_inputs=False)["labels"][:],
+                              tok.pad_token_id, CPU)
+    with torch.no_grad():
+        lm, lm_again = recovery._loss_sums(student, batch, None)
+        kl_only, ce = recovery._loss_sums(student, batch, recovery.Distillation(teacher, 2.0, 1.0))
+        mixed, _ = recovery._loss_sums(student, batch, recovery.Distillation(teacher, 2.0, 0.25))
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    kl = recovery.distillation_kl_sum(s_logits, t_logits, batch["labels"][:, 1:] != recovery.IGNORE_INDEX, 2.0)
+    assert float(lm) == float(lm_again) == pytest.approx(float(ce))
+    assert float(kl_only) == pytest.approx(float(kl), rel=1e-5)
+    assert float(mixed) == pytest.approx(0.25 * float(kl) + 0.75 * float(ce), rel=1e-5)
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tok, tmp_path):
+    text = _text_file(tmp_path)
+    params = _params(text, objective="distill", method="full", cutoff_len=32, val_size=4, max_steps=12,
+                     eval_every_steps=4, learning_rate=3e-3, distill_temperature=2.0)
+    train, val = recovery.load_training_data([str(text)], tok, cutoff_len=32, train_on_inputs=True, val_size=4, seed=0)
+    student = tiny_model("llama", vocab_size=len(tok))
+    teacher = tiny_model("llama", vocab_size=len(tok), seed=5)
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    logged: list[dict] = []
+    result = recover(student, tok, train, val, params, seed=0, device=CPU, dtype=torch.float32,
+                     teacher=teacher, on_log=logged.append, progress=False)
+    evals = [h for h in logged if "val_loss" in h]
+    assert {"val_loss", "val_lm_loss"} <= set(evals[0]) and {"loss", "lm_loss"} <= set(logged[1])
+    assert result.best_val_loss < 0.8 * result.initial_val_loss, evals  # KL to the teacher fell
+    assert result.teacher_seconds > 0
+    for name, value in teacher.state_dict().items():  # the teacher is read, never trained
+        torch.testing.assert_close(value, teacher_before[name], atol=0, rtol=0)
+    _assert_plain(result.model)
+    assert all(p.requires_grad for p in result.model.parameters())
+    with pytest.raises(ConfigError, match=r"recover\.objective='distill' needs the dense teacher"):
+        recover(tiny_model("llama", vocab_size=len(tok)), tok, train, val, params, seed=0, device=CPU,
+                dtype=torch.float32, progress=False)
+    with pytest.raises(ConfigError, match=r"teacher has 400 tokens, the pruned model"):
+        recover(tiny_model("llama", vocab_size=len(tok)), tok, train, val, params, seed=0, device=CPU,
+                dtype=torch.float32, teacher=tiny_model("llama", vocab_size=400), progress=False)
+
+
+def test_full_recovery_trains_every_parameter_and_keeps_the_dtype(tok, data_file):
+    model = tiny_model("llama", vocab_size=len(tok))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = _params(data_file, method="full", max_steps=3, val_size=0, learning_rate=1e-3)
+    result = _run(model, tok, data_file, params)
+    assert type(result.model).__name__ == "LlamaForCausalLM" and not hasattr(result.model, "peft_config")
+    changed = [n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])]
+    assert set(changed) == set(before)  # embeddings and norms too, not only the linear layers
+    # a bf16 model trains in float32 and comes back in bf16
+    half = _run(tiny_model("llama", vocab_size=len(tok)).to(torch.bfloat16), tok, data_file, params).model
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())

@@ -41,6 +41,7 @@ STRUCTURES = ("attention", "ffn")
 AGGREGATIONS = ("sum", "product", "max", "last")
 ALLOCATIONS = ("uniform", "global")
 ATTENTION_UNITS = ("kv_group", "query_head")
+ATTENTION_UNIT_CHOICES = (*ATTENTION_UNITS, "auto")  # auto: measured per model (pruneflow.layout_search)
 # how the kept weights of o_proj / down_proj are re-fitted after removal (pruneflow.reconstruction)
 RECONSTRUCTIONS = ("none", "bias", "least_squares", "least_squares_bias")
 RECONSTRUCTION_MODES = ("parallel", "sequential")
@@ -49,6 +50,10 @@ BIAS_RECONSTRUCTIONS = ("bias", "least_squares_bias")  # these add o_proj / down
 REPLACED_KEYS = {
     "prune.bias_compensation": "prune.reconstruction ('bias' is FLAP's bias compensation, 'none' is off)",
 }
+RECOVERY_OBJECTIVES = ("lm", "distill")  # next-token loss | KL to the dense teacher (+ next-token loss)
+RECOVERY_METHODS = ("lora", "full")  # adapters merged afterwards | every parameter
+RECOVERY_DATA_SUFFIXES = {".json": "Alpaca-format instructions", ".txt": "plain text"}
+RECOVERY_DATA_ALLOWED = "a non-empty list of Alpaca-format JSON files (.json) and/or plain-text files (.txt)"
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -211,11 +216,13 @@ class PruneParams:
     reconstruction: str = "least_squares"
     reconstruction_mode: str = "parallel"
     damping: float = 1e-3
+    search_samples: int = 8  # calibration sequences that rank the layouts of attention_unit: auto
 
     def validate(self, prefix: str) -> None:
         _check_damping(f"{prefix}.damping", self.damping)
+        _check_positive(f"{prefix}.search_samples", self.search_samples)
         for key, value, allowed in (("allocation", self.allocation, ALLOCATIONS),
-                                    ("attention_unit", self.attention_unit, ATTENTION_UNITS),
+                                    ("attention_unit", self.attention_unit, ATTENTION_UNIT_CHOICES),
                                     ("reconstruction", self.reconstruction, RECONSTRUCTIONS),
                                     ("reconstruction_mode", self.reconstruction_mode, RECONSTRUCTION_MODES)):
             if value not in allowed:
@@ -241,11 +248,7 @@ class PruneParams:
 
 @dataclass(frozen=True)
 class RecoverParams:
-    data: tuple[str, ...] = (
-        "data/raw/instruct/gsm_8k_train.json",
-        "data/raw/instruct/roleplay-simple-deduped-roleplay-dataset.json",
-        "data/raw/instruct/toolformer-dedupe-only-dataset.json",
-    )
+    data: tuple[str, ...] = ("data/raw/wikitext-2/train.txt",)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -261,10 +264,25 @@ class RecoverParams:
     max_train_samples: int | None = None
     warmup_steps: int = 100
     eval_every_steps: int = 200
+    objective: str = "distill"
+    method: str = "full"
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0  # share of the KL term; the rest is the next-token loss on the labels
 
     def validate(self, prefix: str) -> None:
         if not self.data:
-            _fail(f"{prefix}.data", [], "a non-empty list of Alpaca-format JSON files")
+            _fail(f"{prefix}.data", [], RECOVERY_DATA_ALLOWED)
+        for path in self.data:
+            if Path(path).suffix not in RECOVERY_DATA_SUFFIXES:
+                _fail(f"{prefix}.data", path, RECOVERY_DATA_ALLOWED)
+        for key, value, allowed in (("objective", self.objective, RECOVERY_OBJECTIVES),
+                                    ("method", self.method, RECOVERY_METHODS)):
+            if value not in allowed:
+                _fail(f"{prefix}.{key}", value, _allowed(allowed))
+        if not (isinstance(self.distill_temperature, (int, float)) and 0 < self.distill_temperature <= 100):
+            _fail(f"{prefix}.distill_temperature", self.distill_temperature, "a number in (0, 100]")
+        if not (isinstance(self.distill_weight, (int, float)) and 0 <= self.distill_weight <= 1):
+            _fail(f"{prefix}.distill_weight", self.distill_weight, "a number in [0, 1]")
         _check_positive(f"{prefix}.lora_r", self.lora_r)
         _check_positive(f"{prefix}.lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -1,13 +1,17 @@
-"""LoRA recovery of a structurally pruned model (LLM-Pruner's post-training), then merge.
+"""Recovery of a structurally pruned model: next-token loss or distillation, LoRA or every parameter.
 
-The method follows LLM-Pruner's `post_training.py`: LoRA on every linear layer of the decoder,
-Alpaca-format instruction data with the Stanford Alpaca prompt, AdamW with linear warm-up and
-linear decay, gradient accumulation up to the effective batch, a held-out validation split whose
-best weights are kept. The loop is written out here (no `transformers.Trainer`) so that it is
-deterministic on CPU, works on models whose layers have different widths after pruning, and
-reports every optimizer step to a callback (MLflow) without extra dependencies.
+`objective: lm` with `method: lora` is LLM-Pruner's post-training: LoRA on every linear layer of the
+decoder, Alpaca-format instructions with the Stanford Alpaca prompt. `objective: distill` trains the
+pruned student towards the dense teacher's next-token distributions (KL at a temperature, mixed
+with the next-token loss), as Minitron recovers its pruned models; plain text (.txt files, cut into
+blocks of `cutoff_len` tokens the way transformers' run_clm example groups texts) is its usual data.
+Both use AdamW with linear warm-up and linear decay, gradient accumulation up to the effective batch,
+and a held-out validation split whose best weights are kept. The loop is written out here (no
+`transformers.Trainer`) because it must be deterministic on CPU, run a second (teacher) model on
+every micro-batch, work on models whose layers have different widths after pruning, and report every
+optimizer step to a callback (MLflow).
 
-`recover_with_lora` = `prepare_lora_model` + `train_lora` + `merge_lora`; the pieces are public so
+`recover` = (`prepare_lora_model` +) `train_recovery` (+ `merge_lora`); the pieces are public so
 tests can compare the un-merged adapter model with the merged one.
 """
 
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 from pruneflow.config import RecoverParams
 from pruneflow.errors import ConfigError, DataError
-from pruneflow.text_data import check_instruction_file
+from pruneflow.text_data import check_instruction_file, check_recovery_files, read_rows
 
 ALPACA_TEMPLATE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -184,6 +188,77 @@ def _is_tokenized(dataset: datasets.Dataset) -> bool:
     return {"input_ids", "labels"} <= set(dataset.column_names)
 
 
+def text_blocks(path: str | Path, tokenizer: Any, *, block_len: int) -> datasets.Dataset:
+    """A text file as consecutive blocks of exactly `block_len` tokens (labels = inputs).
+
+    transformers' run_clm recipe: tokenize the lines (line breaks kept, no special tokens, as the
+    perplexity windows are), concatenate, cut; the last partial block is dropped.
+    """
+    rows = read_rows(path, "recovery text")
+    lines = datasets.Dataset.from_dict({"text": rows})
+    tokenized = lines.map(lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+                          batched=True, batch_size=1000, remove_columns=["text"], keep_in_memory=True,
+                          desc=f"tokenizing {Path(path).name}")
+    flat = [token for ids in tokenized["ids"] for token in ids]
+    n_blocks = len(flat) // block_len
+    if n_blocks == 0:
+        raise DataError(f"recovery text file {str(path)!r} has {len(flat)} tokens, fewer than one block of "
+                        f"recover.cutoff_len={block_len}; allowed: a longer text or a smaller cutoff_len")
+    blocks = [flat[i * block_len:(i + 1) * block_len] for i in range(n_blocks)]
+    return datasets.Dataset.from_dict(
+        {"input_ids": blocks, "attention_mask": [[1] * block_len] * n_blocks, "labels": blocks},
+        features=text_blocks_features())
+
+
+def load_training_data(
+    paths: Sequence[str | Path],
+    tokenizer: Any,
+    *,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    val_size: int,
+    seed: int,
+    max_train_samples: int | None = None,
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Tokenized (train, val) from Alpaca JSON files and/or text files.
+
+    Instructions alone split exactly as `load_instruction_data` does; with text, every file is
+    tokenized (text in blocks of `cutoff_len`), the examples are mixed and shuffled with `seed`, the
+    first `val_size` are held out and the train split is capped at `max_train_samples`.
+    """
+    check_recovery_files(paths)
+
+    def tokenize(records: datasets.Dataset) -> datasets.Dataset:
+        return tokenize_for_training(records, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)
+
+    if all(Path(p).suffix == ".json" for p in paths):
+        train, val = load_instruction_data(paths, val_size=val_size, seed=seed, max_train_samples=max_train_samples)
+        return tokenize(train), tokenize(val)
+    parts = []
+    for path in paths:
+        if Path(path).suffix == ".json":
+            records, _ = load_instruction_data([path], val_size=0, seed=seed)
+            parts.append(tokenize(records).cast(text_blocks_features()))
+        else:
+            parts.append(text_blocks(path, tokenizer, block_len=cutoff_len))
+    mixed = datasets.concatenate_datasets(parts).shuffle(seed=seed).flatten_indices(keep_in_memory=True)
+    if val_size < 0 or val_size >= len(mixed):
+        raise ConfigError(
+            f"recover.val_size={val_size} is not allowed for {len(mixed)} training examples; allowed: "
+            f"0 <= val_size <= {len(mixed) - 1} (at least one example must remain for training)"
+        )
+    val = mixed.select(range(val_size))
+    train = mixed.select(range(val_size, len(mixed)))
+    if max_train_samples is not None:
+        train = train.select(range(min(max_train_samples, len(train))))
+    return train, val
+
+
+def text_blocks_features() -> datasets.Features:
+    return datasets.Features({key: datasets.Sequence(datasets.Value("int64"))
+                              for key in ("input_ids", "attention_mask", "labels")})
+
+
 # ---------------------------------------------------------------------------------------- model
 
 
@@ -294,7 +369,7 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 @dataclass
 class RecoveryResult:
-    """What a recovery run produced; `model` is merged and in eval mode (un-merged from `train_lora`)."""
+    """What a recovery run produced; `model` is merged and in eval mode (un-merged from `train_recovery`)."""
 
     model: torch.nn.Module
     history: list[dict] = field(default_factory=list)
@@ -304,6 +379,16 @@ class RecoveryResult:
     optimizer_steps: int = 0
     train_examples: int = 0
     seconds: float = 0.0
+    teacher_seconds: float = 0.0  # forward passes of the teacher (distillation), within `seconds`
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """The dense teacher and how its distributions enter the loss (`recover.objective: distill`)."""
+
+    teacher: torch.nn.Module
+    temperature: float = 1.0
+    weight: float = 1.0  # share of the KL term; 1 - weight goes to the next-token loss
 
 
 def planned_steps(num_examples: int, params: RecoverParams) -> int:
@@ -355,16 +440,40 @@ def _collate(
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
 
 
-def _loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy in float32 (the caller divides by the label count of the step)."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    shifted = logits[:, :-1, :].float()
+def distillation_kl_sum(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T^2 * sum over masked positions of KL(teacher || student), both softened by temperature T.
+
+    The T^2 factor (Hinton et al.) keeps the gradient's size independent of T. Computed in float32.
+    """
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(dim=-1)
+    return per_position.masked_fill(~mask, 0.0).sum() * temperature**2
+
+
+def _loss_sums(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], distillation: Distillation | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective, next-token loss), each summed over the label positions (the caller divides by their count).
+
+    Without distillation both are the next-token cross-entropy; with it the objective is
+    weight * KL(teacher || student) + (1 - weight) * cross-entropy at the same positions.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    shifted = model(**inputs).logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]
-    return F.cross_entropy(
+    cross_entropy = F.cross_entropy(
         shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    if distillation is None:
+        return cross_entropy, cross_entropy
+    with torch.no_grad():
+        teacher_logits = distillation.teacher(**inputs).logits[:, :-1, :]
+    kl = distillation_kl_sum(shifted, teacher_logits, targets != IGNORE_INDEX, distillation.temperature)
+    objective = distillation.weight * kl + (1.0 - distillation.weight) * cross_entropy
+    return objective, cross_entropy
 
 
 def _n_targets(batch: Mapping[str, torch.Tensor]) -> int:
@@ -372,14 +481,14 @@ def _n_targets(batch: Mapping[str, torch.Tensor]) -> int:
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA (adapters stay fp32); plain precision elsewhere."""
+    """bf16/fp16 autocast on CUDA (trained weights stay fp32); plain precision elsewhere."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def evaluate_loss(
+def evaluate_losses(
     model: torch.nn.Module,
     dataset: datasets.Dataset,
     *,
@@ -387,22 +496,32 @@ def evaluate_loss(
     pad_id: int,
     device: torch.device,
     dtype: torch.dtype,
-) -> float:
-    """Token-weighted mean next-token loss over a tokenized dataset, in eval mode."""
+    distillation: Distillation | None = None,
+) -> tuple[float, float]:
+    """Token-weighted mean (objective, next-token loss) over a tokenized dataset, in eval mode."""
     was_training = model.training
     model.eval()
     input_ids, labels = dataset["input_ids"][:], dataset["labels"][:]  # plain lists: fast row access
-    total, count = 0.0, 0
+    objective, cross_entropy, count = 0.0, 0.0, 0
     try:
         for start in range(0, len(input_ids), micro_batch_size):
             rows = range(start, min(start + micro_batch_size, len(input_ids)))
             batch = _collate(rows, input_ids, labels, pad_id, device)
             with _autocast(device, dtype):
-                total += float(_loss_sum(model, batch))
+                sums = _loss_sums(model, batch, distillation)
+            objective += float(sums[0])
+            cross_entropy += float(sums[1])
             count += _n_targets(batch)
     finally:
         model.train(was_training)
-    return total / count if count else float("nan")
+    if not count:
+        return float("nan"), float("nan")
+    return objective / count, cross_entropy / count
+
+
+def evaluate_loss(model: torch.nn.Module, dataset: datasets.Dataset, **kwargs) -> float:
+    """Token-weighted mean objective over a tokenized dataset (next-token loss without distillation)."""
+    return evaluate_losses(model, dataset, **kwargs)[0]
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -421,19 +540,23 @@ def _optimizer_step(
     *,
     device: torch.device,
     dtype: torch.dtype,
-) -> float:
-    """Accumulate gradients over the micro-batches, clip, step; returns the effective batch's mean loss.
+    distillation: Distillation | None,
+) -> tuple[float, float]:
+    """Accumulate gradients over the micro-batches, clip, step.
 
-    The loss is normalised by the label tokens of the whole effective batch, so accumulating
-    micro-batches of different lengths gives the same gradient as one big batch.
+    Returns the effective batch's mean objective and its mean next-token loss. The losses are normalised by the label tokens of the whole
+    effective batch, so accumulating micro-batches of different lengths gives the same gradient as
+    one big batch.
     """
     n_targets = max(1, sum(_n_targets(b) for b in micro_batches))
-    step_loss = 0.0
+    step_loss = step_lm_loss = 0.0
     for batch in micro_batches:
         with _autocast(device, dtype):
-            loss = _loss_sum(model, batch) / n_targets
+            objective, cross_entropy = _loss_sums(model, batch, distillation)
+            loss = objective / n_targets
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += float(loss.detach())
+        step_lm_loss += float(cross_entropy.detach()) / n_targets
     params = [p for _, p in trainable]
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -444,10 +567,46 @@ def _optimizer_step(
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    return step_loss, step_lm_loss
 
 
-def train_lora(
+class _TimedTeacher(torch.nn.Module):
+    """Wraps the teacher to add up the seconds of its forward passes (the cost distillation adds)."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.seconds = 0.0
+
+    def forward(self, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.teacher(**kwargs)
+        finally:
+            if next(self.teacher.parameters()).device.type == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - started
+
+
+def prepare_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The dense model, frozen and in eval mode on the training device."""
+    teacher.to(device).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def _check_vocabularies(model: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    student_vocab = model.get_output_embeddings().weight.shape[0]
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if student_vocab != teacher_vocab:
+        raise ConfigError(
+            f"recover.objective='distill' needs the teacher's vocabulary: the teacher has {teacher_vocab} "
+            f"tokens, the pruned model {student_vocab}; allowed: the dense model the pruned one came from"
+        )
+
+
+def train_recovery(
     model: torch.nn.Module,
     tokenizer: Any,
     train_dataset: datasets.Dataset,
@@ -457,19 +616,24 @@ def train_lora(
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
+    teacher: torch.nn.Module | None = None,
     on_log: Callable[[dict], None] | None = None,
     progress: bool = True,
 ) -> RecoveryResult:
-    """Wrap `model` with LoRA and train it; the result's model is the un-merged peft model, best weights loaded.
+    """Train `model` as `params` say; the result's model is un-merged (peft) for LoRA, best weights loaded.
 
-    Datasets may be raw Alpaca records or already tokenized (input_ids, labels).
+    `teacher` (the dense model) is required for `objective: distill`. Datasets may be raw Alpaca
+    records or already tokenized (input_ids, labels). With `method: full` every parameter trains in
+    float32 (bf16 autocast on GPU) and the model is returned in the dtype it came in.
     """
     started = time.perf_counter()
-    check_lora_targets(model, params)
+    distill = params.objective == "distill"
+    if distill and teacher is None:
+        raise ConfigError("recover.objective='distill' needs the dense teacher model; none was given")
+    if params.method == "lora":
+        check_lora_targets(model, params)
     if len(train_dataset) == 0:
-        raise DataError(
-            "the instruction training split is empty; check recover.data and recover.max_train_samples"
-        )
+        raise DataError("the recovery training split is empty; check recover.data and recover.max_train_samples")
     if not _is_tokenized(train_dataset):
         train_dataset = tokenize_for_training(
             train_dataset, tokenizer, cutoff_len=params.cutoff_len, train_on_inputs=params.train_on_inputs
@@ -480,10 +644,23 @@ def train_lora(
         )
     has_val = val_dataset is not None and len(val_dataset) > 0
     pad_id = _pad_id(tokenizer)
+    distillation = None
+    if distill:
+        assert teacher is not None
+        _check_vocabularies(model, teacher)
+        distillation = Distillation(_TimedTeacher(prepare_teacher(teacher, device)),
+                                    temperature=float(params.distill_temperature), weight=float(params.distill_weight))
 
-    peft_model = prepare_lora_model(model, params, seed=seed, device=device)
+    if params.method == "lora":
+        trained_model = prepare_lora_model(model, params, seed=seed, device=device)
+        original_dtype = None
+    else:
+        original_dtype = next(model.parameters()).dtype
+        trained_model = model.to(device=device, dtype=torch.float32)
+        for param in trained_model.parameters():
+            param.requires_grad_(True)
     try:
-        trainable = _trainable(peft_model)
+        trainable = _trainable(trained_model)
         optimizer = torch.optim.AdamW(
             [p for _, p in trainable], lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
         )
@@ -503,15 +680,16 @@ def train_lora(
 
         def validate(step: int) -> float:
             assert val_dataset is not None
-            loss = evaluate_loss(
-                peft_model,
+            loss, lm_loss = evaluate_losses(
+                trained_model,
                 val_dataset,
                 micro_batch_size=params.micro_batch_size,
                 pad_id=pad_id,
                 device=device,
                 dtype=dtype,
+                distillation=distillation,
             )
-            log({"step": step, "val_loss": loss})
+            log({"step": step, "val_loss": loss, **({"val_lm_loss": lm_loss} if distill else {})})
             return loss
 
         def snapshot() -> dict[str, torch.Tensor]:
@@ -524,11 +702,10 @@ def train_lora(
             initial_val = best_val = validate(0)
             best_step, best_weights = 0, snapshot()
 
-        peft_model.train()
+        trained_model.train()
         consumed = 0
-        bar = tqdm(
-            total=total_steps, desc="LoRA recovery", unit="step", file=sys.stderr, disable=not progress
-        )
+        label = f"{'LoRA' if params.method == 'lora' else 'full'} {'distillation' if distill else 'recovery'}"
+        bar = tqdm(total=total_steps, desc=label, unit="step", file=sys.stderr, disable=not progress)
         try:
             for step in range(total_steps):
                 lr = learning_rate_at(step, total_steps, warmup, params.learning_rate)
@@ -546,8 +723,9 @@ def train_lora(
                     )
                     for k in range(0, len(picks), params.micro_batch_size)
                 ]
-                step_loss = _optimizer_step(
-                    peft_model, micro_batches, trainable, optimizer, scaler, device=device, dtype=dtype
+                step_loss, step_lm_loss = _optimizer_step(
+                    trained_model, micro_batches, trainable, optimizer, scaler, device=device, dtype=dtype,
+                    distillation=distillation,
                 )
                 tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
                 done = step + 1
@@ -555,6 +733,7 @@ def train_lora(
                     {
                         "step": done,
                         "loss": step_loss,
+                        **({"lm_loss": step_lm_loss} if distill else {}),
                         "learning_rate": lr,
                         "epoch": consumed / n_examples,
                         "tokens": tokens,
@@ -564,7 +743,7 @@ def train_lora(
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if has_val and (done % params.eval_every_steps == 0 or done == total_steps):
                     val_loss = validate(done)
-                    peft_model.train()
+                    trained_model.train()
                     if best_val is None or val_loss < best_val:
                         best_val, best_step, best_weights = val_loss, done, snapshot()
         finally:
@@ -577,17 +756,20 @@ def train_lora(
                     p.copy_(best_weights[name].to(p.device))
         if best_weights is None and not all(bool(torch.isfinite(p).all()) for _, p in trainable):
             raise ConfigError(
-                f"recover.learning_rate={params.learning_rate} made LoRA training diverge (non-finite adapter "
-                "weights and no validation checkpoint to fall back on); allowed: a smaller learning rate"
+                f"recover.learning_rate={params.learning_rate} made training diverge (non-finite weights and "
+                "no validation checkpoint to fall back on); allowed: a smaller learning rate"
             )
     except BaseException:
         # Leave the caller's model as it came in: strip the adapters without merging them.
-        with contextlib.suppress(Exception):
-            peft_model.unload()
+        if params.method == "lora":
+            with contextlib.suppress(Exception):
+                trained_model.unload()
         raise
-    peft_model.eval()
+    trained_model.eval()
+    if original_dtype is not None:
+        trained_model.to(dtype=original_dtype)
     return RecoveryResult(
-        model=peft_model,
+        model=trained_model,
         history=history,
         initial_val_loss=initial_val,
         best_val_loss=best_val,
@@ -595,10 +777,11 @@ def train_lora(
         optimizer_steps=total_steps,
         train_examples=n_examples,
         seconds=time.perf_counter() - started,
+        teacher_seconds=distillation.teacher.seconds if distillation is not None else 0.0,
     )
 
 
-def recover_with_lora(
+def recover(
     model: torch.nn.Module,
     tokenizer: Any,
     train_dataset: datasets.Dataset,
@@ -608,21 +791,22 @@ def recover_with_lora(
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
+    teacher: torch.nn.Module | None = None,
     on_log: Callable[[dict], None] | None = None,
     progress: bool = True,
     adapter_dir: str | Path | None = None,
 ) -> RecoveryResult:
-    """LoRA-train the pruned model, keep the best validation weights, merge: a plain model of the input class.
+    """Train the pruned model, keep the best validation weights, merge LoRA: a plain model of the input class.
 
-    With `adapter_dir`, the best LoRA adapter is also saved there (peft format, safetensors) before
-    the merge, so it can be shared or re-applied without the merged weights.
+    With LoRA and `adapter_dir`, the best adapter is also saved there (peft format, safetensors)
+    before the merge, so it can be shared or re-applied without the merged weights.
 
-    The merged model keeps every per-layer width, is in eval mode, has no peft wrappers (so the base
+    The result keeps every per-layer width, is in eval mode, has no peft wrappers (so the base
     class's `save_pretrained` works) and its parameters keep their original `requires_grad` flags.
     """
     started = time.perf_counter()
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    result = train_lora(
+    result = train_recovery(
         model,
         tokenizer,
         train_dataset,
@@ -631,15 +815,16 @@ def recover_with_lora(
         seed=seed,
         device=device,
         dtype=dtype,
+        teacher=teacher,
         on_log=on_log,
         progress=progress,
     )
-    if adapter_dir is not None:
-        result.model.save_pretrained(str(adapter_dir))
-        _sort_adapter_config(Path(adapter_dir) / "adapter_config.json")
-    merged = merge_lora(result.model)
-    for name, p in merged.named_parameters():
+    if params.method == "lora":
+        if adapter_dir is not None:
+            result.model.save_pretrained(str(adapter_dir))
+            _sort_adapter_config(Path(adapter_dir) / "adapter_config.json")
+        result.model = merge_lora(result.model)
+    for name, p in result.model.named_parameters():
         p.requires_grad_(requires_grad.get(name, True))
-    result.model = merged
     result.seconds = time.perf_counter() - started
     return result

@@ -65,6 +65,17 @@ def method_label(rec: dict[str, Any]) -> str:
 
 
 RECONSTRUCTION_LABELS = {"bias": "bias-comp", "least_squares": "ls", "least_squares_bias": "ls+bias"}
+# (recover.objective, recover.method) -> the "recovered" column; summaries without them were LoRA on lm
+RECOVERY_LABELS = {("lm", "lora"): "LoRA", ("lm", "full"): "full", ("distill", "lora"): "distill+LoRA",
+                   ("distill", "full"): "distill"}
+
+
+def recovery_label(rec: dict[str, Any]) -> str:
+    """How a model was recovered ("no" for a pruned one), from its recovery summary."""
+    if rec.get("variant") != "recovered":
+        return "no"
+    summary = rec.get("summaries", {}).get("recovery", {})
+    return RECOVERY_LABELS.get((summary.get("objective", "lm"), summary.get("method", "lora")), "yes")
 
 
 def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -81,6 +92,7 @@ def results_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "method": method_label(rec),
             "criterion": rec.get("criterion") or "-",
             "recovered": rec.get("variant") == "recovered",
+            "recovery": recovery_label(rec),
             "ratio": rec.get("ratio"),
             "achieved_ratio": pruning.get("achieved_ratio", 0.0 if rec.get("variant") == "dense" else None),
             "params_m": rec["params"] / 1e6,
@@ -151,7 +163,7 @@ def markdown_table(frame: pd.DataFrame, records: Sequence[dict[str, Any]]) -> st
     for _, row in frame.iterrows():
         ratio = ("0%" if row["variant"] == "dense"
                  else f"{_percent(row['ratio']):.0f}% / {_fmt(_percent(row['achieved_ratio']), 1)}%")
-        recovered = "-" if row["variant"] == "dense" else ("LoRA" if row["recovered"] else "no")
+        recovered = "-" if row["variant"] == "dense" else row["recovery"]
         cells = [ratio, row["method"], recovered, _fmt(row["params_m"], 1)]
         cells += [_fmt(row.get(p)) for p in ppls]
         cells += [_fmt(_percent(row.get(t)), 1) for t in tasks]

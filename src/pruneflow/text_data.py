@@ -11,11 +11,13 @@ from __future__ import annotations
 import codecs
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pruneflow.errors import DataError
+from pruneflow.config import RECOVERY_DATA_ALLOWED, RECOVERY_DATA_SUFFIXES
+from pruneflow.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -159,3 +161,20 @@ def check_instruction_file(path: str | Path) -> int:
                     f"{type(value).__name__}; expected keys {EXPECTED_INSTRUCTION_KEYS}"
                 )
     return len(records)
+
+
+def check_recovery_files(paths: Sequence[str | Path], root: str | Path = ".") -> None:
+    """Fail on a missing, empty or malformed data file (JSON: Alpaca records; .txt: UTF-8 text) before
+    a tokenizer or a model is loaded."""
+    if not paths:
+        raise ConfigError(f"recover.data=[] is not allowed; allowed: {RECOVERY_DATA_ALLOWED}")
+    for raw_path in paths:
+        path = Path(root) / Path(raw_path).expanduser()
+        suffix = path.suffix
+        if suffix == ".json":
+            check_instruction_file(path)
+        elif suffix == ".txt":
+            check_text_file(path, "recovery text")
+        else:
+            raise ConfigError(f"recover.data={str(raw_path)!r} is not allowed; allowed: files ending in "
+                              + ", ".join(f"{k} ({v})" for k, v in RECOVERY_DATA_SUFFIXES.items()))

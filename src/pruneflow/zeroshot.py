@@ -48,6 +48,7 @@ import copy
 import importlib
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -132,6 +133,19 @@ def zeroshot_average(
             )
         values.append(float(value))
     return float(sum(values) / len(values))
+
+
+def zeroshot_average_stderr(results: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """Standard error of `zeroshot_average`: sqrt(sum of the tasks' squared stderrs) / tasks (tasks are
+    independent samples); None when a task has no stderr for its headline metric."""
+    errors = []
+    for task, metrics in results.items():
+        metric = metrics.get("headline_metric") or HEADLINE_METRIC.get(task)
+        error = metrics.get(f"{metric}_stderr")
+        if error is None:
+            return None
+        errors.append(float(error) ** 2)
+    return math.sqrt(sum(errors)) / len(errors) if errors else None
 
 
 # ----------------------------------------------------------------------------- validation

@@ -93,7 +93,7 @@ def _calibration_source(params: Params, root: Path) -> list[str]:
     return [project_path(params.calibration.source, root)]
 
 
-def _instruction_data(params: Params, root: Path) -> list[str]:
+def _recovery_data(params: Params, root: Path) -> list[str]:
     return sorted({project_path(path, root) for path in params.recover.data})
 
 
@@ -166,9 +166,9 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     ),
     Stage(
         name="recover", module="recover", gpu=True, criteria="recovered_criteria", ratios=True,
-        params=("seed", "runtime", "scale", "recover", "laptop.recover"), data=_instruction_data,
-        inputs={"model": "prune.model"},
-        args=("--model", "{input.model}", "--out", "{output.model}"),
+        params=("seed", "runtime", "scale", "recover", "laptop.recover"), data=_recovery_data,
+        inputs={"model": "prune.model", "teacher": "prepare_model.model"},
+        args=("--model", "{input.model}", "--teacher", "{input.teacher}", "--out", "{output.model}"),
         outputs={"model": Output("data/recovered/{criterion}/{ratio}", kind="dir")},
     ),
     _evaluate("evaluate_dense", "prepare_model.model", "dense", "reports/metrics/dense.json"),

@@ -110,14 +110,12 @@ def check_evaluation_data(params: Params, root: str | Path) -> None:
     check_task_files(params.evaluate.zeroshot_tasks, data)
 
 
-def check_instruction_data(params: Params, root: str | Path) -> None:
-    """Every `recover.data` file parses as Alpaca records (only when the grid recovers anything)."""
-    from pruneflow.text_data import check_instruction_file
+def check_recovery_data(params: Params, root: str | Path) -> None:
+    """Every `recover.data` file parses (Alpaca records or UTF-8 text; only when the grid recovers anything)."""
+    from pruneflow.text_data import check_recovery_files
 
-    if not params.grid.recovered_criteria:
-        return
-    for path in params.recover.data:
-        check_instruction_file(Path(root) / Path(path).expanduser())
+    if params.grid.recovered_criteria:
+        check_recovery_files(params.recover.data, root)
 
 
 def check_device(device: str) -> None:
@@ -146,7 +144,7 @@ def check_plan(params: Params, root: str | Path, *, devices: bool = True) -> Non
     check_model(params, root)
     check_calibration_source(params, root, cache)
     check_evaluation_data(params, root)
-    check_instruction_data(params, root)
+    check_recovery_data(params, root)
     if devices:
         check_device(params.runtime.device)
     cache.save()

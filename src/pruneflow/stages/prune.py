@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     from pruneflow.architectures import count_parameters, layer_shapes
+    from pruneflow.layout_search import calibration_loss, choose_layout, layouts_to_try
     from pruneflow.modeling import load_tokenizer
     from pruneflow.pipeline.atomic import atomic_dir
     from pruneflow.pipeline.records import recorder, write_record_file
@@ -65,19 +66,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     activations = calibration_ids = None
     if adds_bias:
         check_bias_compensation(model_config.get("model_type"), f"prune.reconstruction={settings.reconstruction!r}")
+    candidates = layouts_to_try(settings.structures, settings.attention_unit)
     if settings.reconstruction != "none":
         from pruneflow.activations import load_activation_stats
-        from pruneflow.stages.calibrate import load_calibration
 
         activations = load_activation_stats(args.activations, f"prune.reconstruction={settings.reconstruction!r}")
-        if args.calibration is not None:
-            calibration_ids = load_calibration(args.calibration)
-        elif settings.reconstruction_mode == "sequential" or not any(k.endswith(".gram") for k in activations):
-            from pruneflow.errors import ConfigError
+    why = None
+    if len(candidates) > 1:
+        why = "prune.attention_unit='auto' (it ranks layouts by the loss on calibration samples)"
+    elif settings.reconstruction != "none" and settings.reconstruction_mode == "sequential":
+        why = "prune.reconstruction_mode='sequential'"
+    elif activations is not None and not any(k.endswith(".gram") for k in activations):
+        why = "an activation cache without Gram matrices (activations.gram_matrices: false)"
+    if args.calibration is not None:
+        from pruneflow.stages.calibrate import load_calibration
 
-            why = ("prune.reconstruction_mode='sequential'" if settings.reconstruction_mode == "sequential"
-                   else "an activation cache without Gram matrices (activations.gram_matrices: false)")
-            raise ConfigError(f"--calibration is required by {why}; pass the calibration ids file")
+        calibration_ids = load_calibration(args.calibration)
+    elif why is not None:
+        from pruneflow.errors import ConfigError
+
+        raise ConfigError(f"--calibration is required by {why}; pass the calibration ids file")
     from pruneflow.runtime import resolve_device
 
     # fp32 for exact surgery and solves; forward passes (sequential mode, Gram matrices not cached) on the device
@@ -90,13 +98,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                    run_name=f"prune {args.criterion} {ratio}",
                    inputs={"model": args.model, "scores": args.scores}) as run:
         shapes_before = layer_shapes(model)
-        plan = plan_pruning(model, scores, ratio, list(layers), params.prune.structures,
-                            allocation=params.prune.allocation, attention_unit=params.prune.attention_unit)
+
+        def prune_with(target, layout):
+            plan = plan_pruning(target, scores, ratio, list(layers), layout.structures,
+                                allocation=settings.allocation, attention_unit=layout.attention_unit)
+            return plan, prune_and_reconstruct(
+                target, plan, method=settings.reconstruction, mode=settings.reconstruction_mode,
+                damping=settings.damping, calibration_ids=calibration_ids,
+                batch_size=params.activations.batch_size, device=device, activations=activations)
+
         started = time.perf_counter()
-        result = prune_and_reconstruct(model, plan, method=settings.reconstruction, mode=settings.reconstruction_mode,
-                                       damping=settings.damping, calibration_ids=calibration_ids,
-                                       batch_size=params.activations.batch_size, device=device,
-                                       activations=activations)
+        layout, trials = choose_layout(
+            model, candidates, prune_with,
+            lambda trial: calibration_loss(trial, calibration_ids, settings.search_samples,
+                                           params.activations.batch_size, device))
+        plan, result = prune_with(model, layout)
         seconds = time.perf_counter() - started
         removed, bias_params = result.params_removed, result.params_added
         params_after = count_parameters(model)
@@ -109,9 +125,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             "params_removed": removed,
             "params_added_by_bias_compensation": bias_params,
             "pruned_layers": list(layers),
-            "structures": list(params.prune.structures),
+            "structures": list(plan.structures),
             "allocation": plan.allocation,
             "attention_unit": plan.attention_unit,
+            # attention_unit: auto -- each layout tried, its loss on the first search_samples calibration sequences
+            "layout_search": [trial.to_dict() for trial in trials],
             "reconstruction": settings.reconstruction,
             "reconstruction_mode": settings.reconstruction_mode,
             "damping": settings.damping,

@@ -1,4 +1,5 @@
-"""Stage 5: LoRA recovery (peft) of a pruned model on Alpaca-format instructions, merged and saved."""
+"""Stage 5: recovery of a pruned model (next-token loss or distillation from the dense model; LoRA
+merged afterwards, or every parameter) on instructions and/or plain text, saved as a plain model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ SUMMARY_FILE = "recovery_summary.json"
 def main(argv: Sequence[str] | None = None) -> None:
     parser = parser_for(STAGE, __doc__)
     parser.add_argument("--model", type=Path, required=True, help="pruned model folder")
-    parser.add_argument("--out", type=Path, required=True, help="output folder of the merged model")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="dense model folder (the teacher; read only with recover.objective: distill)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the recovered model")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     cfg = params.recover
@@ -31,24 +34,27 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.checkpoint import model_skeleton
     from pruneflow.errors import ConfigError
-    from pruneflow.recovery import (
-        check_lora_targets,
-        load_instruction_data,
-        recover_with_lora,
-        tokenize_for_training,
-    )
+    from pruneflow.recovery import check_lora_targets, check_recovery_files, load_training_data, recover
 
     # settings that do not fit this model fail on its shapes alone, before data or weights are read
     skeleton = model_skeleton(args.model)
-    check_lora_targets(skeleton, cfg)
+    if cfg.method == "lora":
+        check_lora_targets(skeleton, cfg)
     positions = getattr(skeleton.config, "max_position_embeddings", None)
     if positions and cfg.cutoff_len > positions:
         raise ConfigError(f"recover.cutoff_len={cfg.cutoff_len} is not allowed for this model; allowed: "
                           f"an integer <= max_position_embeddings={positions} of {args.model}/config.json")
-
+    distill = cfg.objective == "distill"
+    if distill:
+        if args.teacher is None:
+            raise ConfigError("recover.objective='distill' needs the dense teacher: pass --teacher MODEL_DIR")
+        require_file(args.teacher, "teacher model folder")
+        teacher_vocab = model_skeleton(args.teacher).config.vocab_size
+        if teacher_vocab != skeleton.config.vocab_size:
+            raise ConfigError(f"--teacher {args.teacher} has a vocabulary of {teacher_vocab} tokens, the pruned "
+                              f"model {skeleton.config.vocab_size}; allowed: the dense model it was pruned from")
     # data problems fail here, before the model is loaded
-    train, validation = load_instruction_data(cfg.data, val_size=cfg.val_size, seed=params.seed,
-                                              max_train_samples=cfg.max_train_samples)
+    check_recovery_files(cfg.data)
 
     import torch
 
@@ -60,23 +66,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.provenance import read_chain, step, write_chain
 
     tokenizer = load_tokenizer(args.model)
-    train_tokens = tokenize_for_training(train, tokenizer, cutoff_len=cfg.cutoff_len,
-                                         train_on_inputs=cfg.train_on_inputs)
-    val_tokens = tokenize_for_training(validation, tokenizer, cutoff_len=cfg.cutoff_len,
-                                       train_on_inputs=cfg.train_on_inputs)
+    train_tokens, val_tokens = load_training_data(
+        cfg.data, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size,
+        seed=params.seed, max_train_samples=cfg.max_train_samples)
     seed_everything(params.seed)
     tracked = {**stage_params(params, "seed", "runtime", "scale", "recover"), "model": str(args.model)}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, run_name=f"recover {args.model}",
-                   inputs={"model": args.model, **{f"data{i}": p for i, p in enumerate(cfg.data)}}) as run:
+                   inputs={"model": args.model, **({"teacher": args.teacher} if distill else {}),
+                           **{f"data{i}": p for i, p in enumerate(cfg.data)}}) as run:
         # base weights in the runtime dtype (bf16 on GPU); LoRA adapters train in fp32 under autocast
         model = load_pruned(args.model, dtype=dtype, device=device)
+        teacher = load_pruned(args.teacher, dtype=dtype, device=device) if distill else None
+        teacher_mib = (sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
+                       if teacher is not None else None)
 
         def log_entry(entry: dict) -> None:
             run.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=entry.get("step"))
 
         with atomic_dir(args.out) as tmp:  # a failed or killed run leaves the previous output in place
-            result = recover_with_lora(model, tokenizer, train_tokens, val_tokens, cfg, seed=params.seed,
-                                       device=device, dtype=dtype, on_log=log_entry, adapter_dir=tmp / "adapter")
+            result = recover(model, tokenizer, train_tokens, val_tokens, cfg, seed=params.seed, device=device,
+                             dtype=dtype, teacher=teacher, on_log=log_entry,
+                             adapter_dir=tmp / "adapter" if cfg.method == "lora" else None)
             merged = result.model.to("cpu")
             summary = {
                 "initial_val_loss": result.initial_val_loss,
@@ -84,8 +94,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "best_step": result.best_step,
                 "optimizer_steps": result.optimizer_steps,
                 "train_examples": result.train_examples,
-                "val_examples": len(validation),
+                "val_examples": len(val_tokens),
+                "objective": cfg.objective,
+                "method": cfg.method,
                 "seconds": result.seconds,
+                "teacher_seconds": result.teacher_seconds,
+                "teacher_weights_mib": teacher_mib,
                 "params": count_parameters(merged),
                 "device": str(device),
                 "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20
@@ -105,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_record_file(tmp, recorder(STAGE, recovered_instance(read_record(args.model)),
                                             inputs={"model": args.model}).record(params))
         run.log_metrics({k: v for k, v in summary.items()
-                         if k in ("initial_val_loss", "best_val_loss", "optimizer_steps", "seconds", "peak_gpu_memory_mib")})
+                         if k in ("initial_val_loss", "best_val_loss", "optimizer_steps", "seconds", "teacher_seconds",
+                                  "peak_gpu_memory_mib")})
         run.log_artifact(args.out / SUMMARY_FILE)
 
 
