@@ -161,7 +161,7 @@ def test_missing_instruction_file_is_refused_only_when_something_is_recovered(ro
     check_plan(load_params(root / "params.yaml"), root, devices=False)
 
 
-def test_recovery_text_file_is_checked_and_its_suffix_named(root):
+def test_a_missing_or_empty_recovery_text_file_is_refused_at_plan_time(root):
     set_param(root, "recover.data", ["/nowhere/train.txt"])
     assert "recovery text file '/nowhere/train.txt' does not exist" in _plan_error(root)
     (root / "data/raw/empty.txt").write_text("")
