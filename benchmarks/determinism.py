@@ -23,6 +23,7 @@ import torch
 
 from pruneflow.checkpoint import load_pruned
 from pruneflow.config import load_params
+from pruneflow.errors import PruneflowError
 from pruneflow.importance import ScoringInputs, get_criterion
 from pruneflow.layout_search import layouts_to_try
 from pruneflow.pipeline.atomic import write_json, write_text
@@ -47,6 +48,19 @@ def max_differences(first, second) -> tuple[float, float]:
     return absolute, absolute / scale
 
 
+def first_plan(model, scores, ratio: float, layers: list[int], params):
+    """The plan of the first layout (attention_unit auto: in search order) that reaches `ratio`."""
+    candidates = layouts_to_try(params.prune.structures, params.prune.attention_unit)
+    for index, layout in enumerate(candidates):
+        try:
+            return plan_pruning(model, scores, ratio, layers, layout.structures, allocation=params.prune.allocation,
+                                attention_unit=layout.attention_unit)
+        except PruneflowError:
+            if index == len(candidates) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def compare_criterion(name: str, dense, params, ids, stats, device, dtype, ratio: float) -> dict[str, Any]:
     criterion = get_criterion(name, params.score)
     inputs = ScoringInputs(calibration_ids=ids, activations=stats if criterion.needs_activations else None,
@@ -58,9 +72,7 @@ def compare_criterion(name: str, dense, params, ids, stats, device, dtype, ratio
     plans, models = [], []
     for scores in (first, second):
         model = copy.deepcopy(dense).float().cpu()
-        layout = layouts_to_try(params.prune.structures, params.prune.attention_unit)[0]  # auto: its first
-        plan = plan_pruning(model, scores, ratio, layers, layout.structures,
-                            allocation=params.prune.allocation, attention_unit=layout.attention_unit)
+        plan = first_plan(model, scores, ratio, layers, params)
         apply_pruning(model, plan)
         plans.append(plan)
         models.append(model.to(device=device, dtype=dtype))

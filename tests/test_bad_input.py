@@ -145,7 +145,8 @@ def test_empty_instruction_file(workdir, capsys):
     set_param(workdir, "recover.data", ["data/raw/instruct/gsm_8k_train.json"])
     (workdir / "data/raw/instruct/gsm_8k_train.json").write_text("[]")
     out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
-    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--teacher", "models/tiny-llama", "--out",
+                                 str(out)], capsys)
     assert "gsm_8k_train.json" in err
     assert _untouched(out)
 
@@ -230,7 +231,8 @@ def test_recovery_text_shorter_than_one_block(workdir, capsys):
     (workdir / "data/raw/short.txt").write_text("a few words\n")
     set_param(workdir, "recover.data", ["data/raw/short.txt"])
     out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
-    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--teacher", "models/tiny-llama", "--out",
+                                 str(out)], capsys)
     assert "recovery text file 'data/raw/short.txt' has" in err and "fewer than one block of recover.cutoff_len=64" in err
     assert _untouched(out)
 
@@ -278,7 +280,8 @@ def test_non_utf8_instruction_file(workdir, capsys):
     set_param(workdir, "recover.data", ["data/raw/instruct/gsm_8k_train.json"])
     (workdir / "data/raw/instruct/gsm_8k_train.json").write_bytes('[{"instruction": "caf\u00e9"}]'.encode("latin-1"))
     out = _sentinel(workdir / "data/recovered/taylor_element1/0.3")
-    err = _run_stage("recover", ["--model", "models/tiny-llama", "--out", str(out)], capsys)
+    err = _run_stage("recover", ["--model", "models/tiny-llama", "--teacher", "models/tiny-llama", "--out",
+                                 str(out)], capsys)
     assert "gsm_8k_train.json" in err and "UTF-8" in err
     assert _untouched(out)
 

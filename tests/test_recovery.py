@@ -533,7 +533,9 @@ def test_distillation_moves_the_student_towards_the_teacher(tok, tmp_path):
                 dtype=torch.float32, teacher=tiny_model("llama", vocab_size=400), progress=False)
 
 
-def test_full_recovery_trains_every_parameter_and_keeps_the_dtype(tok, data_file):
+def test_full_recovery_trains_every_parameter_and_keeps_the_dtype(tok, data_file, tmp_path):
+    from pruneflow.checkpoint import load_pruned, save_pruned
+
     model = tiny_model("llama", vocab_size=len(tok))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = _params(data_file, method="full", max_steps=3, val_size=0, learning_rate=1e-3)
@@ -541,6 +543,11 @@ def test_full_recovery_trains_every_parameter_and_keeps_the_dtype(tok, data_file
     assert type(result.model).__name__ == "LlamaForCausalLM" and not hasattr(result.model, "peft_config")
     changed = [n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])]
     assert set(changed) == set(before)  # embeddings and norms too, not only the linear layers
+    recovered = result.model  # a saved full-recovered model reloads to identical logits
+    save_pruned(recovered, tmp_path / "saved", tokenizer=tok)
+    batch = _batch(tok, ["The number is 3."])
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "saved")(**batch).logits, recovered(**batch).logits)
     # a bf16 model trains in float32 and comes back in bf16
     half = _run(tiny_model("llama", vocab_size=len(tok)).to(torch.bfloat16), tok, data_file, params).model
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
