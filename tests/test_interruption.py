@@ -132,7 +132,8 @@ def project(staged_project, tmp_path_factory):
                    "--activations", "data/activations/activations.safetensors", "--criterion", "l2_magnitude",
                    "--out", "data/scores/l2_magnitude.safetensors"], "data/scores/l2_magnitude.safetensors"),
         ("prune", ["--model", "data/models/dense", "--scores", "data/scores/l2_magnitude.safetensors",
-                   "--activations", "data/activations/activations.safetensors", "--criterion", "l2_magnitude",
+                   "--activations", "data/activations/activations.safetensors", "--calibration",
+                   "data/calibration/calibration.safetensors", "--criterion", "l2_magnitude",
                    "--ratio", "0.2", "--out", "data/pruned/l2_magnitude/0.3"], "data/pruned/l2_magnitude/0.3"),
     ],
 )
