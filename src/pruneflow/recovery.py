@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pruneflow.config import RecoverParams
 from pruneflow.errors import ConfigError, DataError
-from pruneflow.text_data import check_instruction_file, check_recovery_files, read_rows
+from pruneflow.text_data import check_instruction_file, check_recovery_suffixes, read_rows
 
 ALPACA_TEMPLATE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -224,9 +224,10 @@ def load_training_data(
 
     Instructions alone split exactly as `load_instruction_data` does; with text, every file is
     tokenized (text in blocks of `cutoff_len`), the examples are mixed and shuffled with `seed`, the
-    first `val_size` are held out and the train split is capped at `max_train_samples`.
+    first `val_size` are held out and the train split is capped at `max_train_samples`. Each file's
+    content is checked by its loader (`check_instruction_file`, `check_text_file`), once.
     """
-    check_recovery_files(paths)
+    check_recovery_suffixes(paths)
 
     def tokenize(records: datasets.Dataset) -> datasets.Dataset:
         return tokenize_for_training(records, tokenizer, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs)

@@ -163,18 +163,23 @@ def check_instruction_file(path: str | Path) -> int:
     return len(records)
 
 
-def check_recovery_files(paths: Sequence[str | Path], root: str | Path = ".") -> None:
-    """Fail on a missing, empty or malformed data file (JSON: Alpaca records; .txt: UTF-8 text) before
-    a tokenizer or a model is loaded."""
+def check_recovery_suffixes(paths: Sequence[str | Path]) -> None:
+    """`recover.data` is a non-empty list of .json / .txt files (names only; nothing is read)."""
     if not paths:
         raise ConfigError(f"recover.data=[] is not allowed; allowed: {RECOVERY_DATA_ALLOWED}")
     for raw_path in paths:
-        path = Path(root) / Path(raw_path).expanduser()
-        suffix = path.suffix
-        if suffix == ".json":
-            check_instruction_file(path)
-        elif suffix == ".txt":
-            check_text_file(path, "recovery text")
-        else:
+        if Path(raw_path).suffix not in RECOVERY_DATA_SUFFIXES:
             raise ConfigError(f"recover.data={str(raw_path)!r} is not allowed; allowed: files ending in "
                               + ", ".join(f"{k} ({v})" for k, v in RECOVERY_DATA_SUFFIXES.items()))
+
+
+def check_recovery_files(paths: Sequence[str | Path], root: str | Path = ".") -> None:
+    """Fail on a missing, empty or malformed data file (JSON: Alpaca records; .txt: UTF-8 text) before
+    anything is loaded (the plan checks)."""
+    check_recovery_suffixes(paths)
+    for raw_path in paths:
+        path = Path(root) / Path(raw_path).expanduser()
+        if path.suffix == ".json":
+            check_instruction_file(path)
+        else:
+            check_text_file(path, "recovery text")

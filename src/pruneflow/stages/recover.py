@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.checkpoint import model_skeleton
     from pruneflow.errors import ConfigError
-    from pruneflow.recovery import check_lora_targets, check_recovery_files, load_training_data, recover
+    from pruneflow.recovery import check_lora_targets, load_training_data, recover
 
     # settings that do not fit this model fail on its shapes alone, before data or weights are read
     skeleton = model_skeleton(args.model)
@@ -53,8 +53,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if teacher_vocab != skeleton.config.vocab_size:
             raise ConfigError(f"--teacher {args.teacher} has a vocabulary of {teacher_vocab} tokens, the pruned "
                               f"model {skeleton.config.vocab_size}; allowed: the dense model it was pruned from")
-    # data problems fail here, before the model is loaded
-    check_recovery_files(cfg.data)
 
     import torch
 
@@ -66,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.provenance import read_chain, step, write_chain
 
     tokenizer = load_tokenizer(args.model)
+    # data problems fail here, before the model is loaded
     train_tokens, val_tokens = load_training_data(
         cfg.data, tokenizer, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size,
         seed=params.seed, max_train_samples=cfg.max_train_samples)
