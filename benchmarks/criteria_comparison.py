@@ -167,6 +167,18 @@ def evaluate_model(model, tokenizer, texts: dict[str, torch.Tensor], args, devic
     return result
 
 
+def _require_torch_pruning() -> None:
+    """Refuse at once, not after the pruneflow rows have run, when the peer to compare with is absent."""
+    import importlib.util  # noqa: PLC0415
+
+    from torch_pruning_reference import SETTINGS, TORCH_PRUNING_PIN  # noqa: PLC0415
+
+    if importlib.util.find_spec("torch_pruning") is None:
+        raise SystemExit(f"--torch-pruning-settings needs Torch-Pruning in this environment: "
+                         f"pip install {TORCH_PRUNING_PIN} --no-deps (or drop the option); settings: "
+                         f"{', '.join(SETTINGS)}")
+
+
 def prune_method(dense, scores, method: Method, ratio: float, layers: list[int], params, stats, calibration_ids,
                  device):
     """Plan, remove and re-fit exactly as the prune stage does (pruneflow.reconstruction; attention_unit
@@ -247,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     from pruneflow.runtime import resolve_device, resolve_dtype
     from pruneflow.text_data import evaluation_text
 
+    if args.torch_pruning_settings:
+        _require_torch_pruning()
     params = load_params(args.params)
     criteria = args.criteria or list(CRITERIA)
     zeroshot_ratios = set(args.ratios if args.zeroshot_ratios is None else args.zeroshot_ratios)

@@ -62,7 +62,8 @@ def test_second_dvc_repro_fails_clearly_while_the_first_holds_the_lock(tmp_path)
         assert "is busy, it is being blocked by" in second.stdout, second.stdout
         assert f"(PID {first.pid})" in second.stdout and "dvc repro" in second.stdout
         (root / "release").write_text("go")
-        assert first.wait(timeout=120) == 0, first.stdout.read()
+        output, _ = first.communicate(timeout=120)  # reads the pipe while waiting: a full pipe cannot block it
+        assert first.returncode == 0, output
     finally:
         (root / "release").write_text("go")
         first.kill()
@@ -94,7 +95,7 @@ def test_second_snakemake_is_refused_with_the_lock_message_while_the_first_runs(
         dry = run([*command, "--dry-run"], root, check=False)  # looking is fine
         assert dry.returncode == 0 and "Traceback" not in dry.stdout, dry.stdout
         os.killpg(first.pid, signal.SIGINT)
-        first.wait(timeout=300)
+        first.communicate(timeout=300)  # drains its output: a first run blocked on a full pipe never exits
     finally:
         (tmp_path / "hook/release").write_text("go")
         with contextlib.suppress(ProcessLookupError):
