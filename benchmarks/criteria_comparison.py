@@ -392,7 +392,7 @@ def _ppl(row: dict, name: str) -> float | None:
 
 
 def findings(rows: list[dict], ratios: list[float]) -> dict[str, Any]:
-    """The issue's targets, computed from the rows (never asserted, only reported)."""
+    """The comparison's targets, computed from the rows (never asserted, only reported)."""
     ok = [r for r in rows if r.get("status", "ok") == "ok" and _ppl(r, "wikitext2") is not None and r["method"] != "dense"]
     out: dict[str, Any] = {"per_ratio": {}}
     for ratio in ratios:

@@ -1,4 +1,4 @@
-"""How far two runs with the same params and seeds drift apart on one device (issue 7's GPU tolerance).
+"""How far two runs with the same params and seeds drift apart on one device (the tolerance a GPU rerun is held to).
 
 Scores every criterion twice from a fresh seed, prunes the dense model from each score set, and
 compares: the largest absolute and relative score difference, whether the same groups are removed,

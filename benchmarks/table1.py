@@ -58,6 +58,7 @@ def build_params(base: dict, criteria: list[str], ratio: float, recovered: list[
     set_dotted(params, "grid.criteria", criteria)
     set_dotted(params, "grid.ratios", [ratio])
     set_dotted(params, "grid.recovered_criteria", recovered)
+    set_dotted(params, "grid.servable_criteria", [])  # Table 1 compares the per-layer models
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:

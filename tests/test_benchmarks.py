@@ -38,7 +38,8 @@ def test_table1_params_use_the_pipeline_validation():
     base = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params = table1.build_params(base, ["flap", "random"], 0.2, ["flap"], ["laptop.evaluate.zeroshot_limit=7",
                                                                          "evaluate.ppl_seq_lens=[128, 512]"])
-    assert params["grid"] == {"criteria": ["flap", "random"], "ratios": [0.2], "recovered_criteria": ["flap"]}
+    assert params["grid"] == {"criteria": ["flap", "random"], "ratios": [0.2], "recovered_criteria": ["flap"],
+                              "servable_criteria": []}
     assert params["laptop"]["evaluate"]["zeroshot_limit"] == 7
     assert params["evaluate"]["ppl_seq_lens"] == [128, 512]
     assert base["grid"]["criteria"] != ["flap", "random"]  # the project's own params are not touched

@@ -134,7 +134,7 @@ def test_report_of_a_perplexity_only_or_zero_shot_only_run(tmp_path, monkeypatch
     from .conftest import PROJECT_ROOT
 
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    params["grid"] = {"criteria": ["flap"], "ratios": [0.2], "recovered_criteria": []}
+    params["grid"] = {"criteria": ["flap"], "ratios": [0.2], "recovered_criteria": [], "servable_criteria": []}
     params["mlflow"]["enabled"] = False
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for model_id, variant, criterion, ratio in (("dense", "dense", None, 0.0), ("pruned/flap/0.2", "pruned", "flap", 0.2)):

@@ -21,8 +21,9 @@ TINY_OVERRIDES = {
     "model": {"source": "models/tiny-llama"},
     "calibration": {"num_samples": 4, "seq_len": 32},
     "activations": {"max_tokens": 64},
-    "grid": {"criteria": ["taylor_element1", "l2_magnitude"], "ratios": [0.3], "recovered_criteria": ["taylor_element1"]},
-    "prune": {"layer_start": 1, "layer_end": -1, "structures": ["attention", "ffn"]},
+    "grid": {"criteria": ["taylor_element1", "l2_magnitude"], "ratios": [0.3], "recovered_criteria": ["taylor_element1"],
+             "servable_criteria": ["l2_magnitude"]},
+    "prune": {"layer_start": 1, "layer_end": -1, "structures": ["attention", "ffn"], "servable_multiple": 16},
     "recover": {"method": "lora"},  # distillation with LoRA: the integration tests change and refuse LoRA settings
     "laptop": {
         "recover": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "cutoff_len": 64, "val_size": 4,

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from pruneflow.errors import ModelError
+from pruneflow.remote_code.modeling_pruneflow import resize_layer
+from pruneflow.remote_code.modeling_pruneflow import sync_layer_attributes as sync_widths
 from pruneflow.sources import (  # noqa: F401  (config.json-level facts live in the torch-free module)
     SUPPORTED_ARCHITECTURES,
     SUPPORTED_MODEL_TYPES,
@@ -115,29 +117,11 @@ def shrink_linear(linear: nn.Linear, *, keep_out: torch.Tensor | None = None,
 
 
 def set_layer_shape(layer: nn.Module, shape: LayerShape, head_size: int) -> None:
-    """Replace a layer's projections by (uninitialised) ones of `shape`, for loading weights into."""
-    attn, mlp = layer.self_attn, layer.mlp
-    hidden = attn.q_proj.in_features
-    q_width = shape.num_attention_heads * head_size
-    kv_width = shape.num_key_value_heads * head_size
-    attn.q_proj = _new_linear(attn.q_proj, hidden, q_width)
-    attn.k_proj = _new_linear(attn.k_proj, hidden, kv_width)
-    attn.v_proj = _new_linear(attn.v_proj, hidden, kv_width)
-    attn.o_proj = _new_linear(attn.o_proj, q_width, hidden)
-    mlp.gate_proj = _new_linear(mlp.gate_proj, hidden, shape.intermediate_size)
-    mlp.up_proj = _new_linear(mlp.up_proj, hidden, shape.intermediate_size)
-    mlp.down_proj = _new_linear(mlp.down_proj, shape.intermediate_size, hidden)
-    sync_layer_attributes(layer, shape)
+    """Replace a layer's projections by (uninitialised) ones of `shape`, for loading weights into
+    (the function the checkpoints' own modeling code runs)."""
+    resize_layer(layer, shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size, head_size)
 
 
 def sync_layer_attributes(layer: nn.Module, shape: LayerShape) -> None:
     """Keep the modules' bookkeeping attributes equal to their new widths."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if shape.num_key_value_heads > 0:
-        attn.num_key_value_groups = shape.num_attention_heads // shape.num_key_value_heads
-    for name, value in (("num_heads", shape.num_attention_heads),
-                        ("num_key_value_heads", shape.num_key_value_heads)):
-        if hasattr(attn, name):
-            setattr(attn, name, value)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = shape.intermediate_size
+    sync_widths(layer, shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size)

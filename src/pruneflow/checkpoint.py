@@ -1,17 +1,25 @@
 """Checkpoints any Hugging Face user can load, pruned or not.
 
 - Every layer the same shape: the config is vanilla (`intermediate_size`, `num_attention_heads`,
-  `num_key_value_heads`), so plain `AutoModelForCausalLM.from_pretrained` loads it.
-- Widths differ per layer (LLM-Pruner keeps the first and last layers dense): config.json also holds
-  `pruneflow_layer_shapes`, one entry per layer, and `pruneflow.load_pruned(path)` builds the model
-  with those widths before the weights are read. Plain `from_pretrained` then fails loudly on the
-  size mismatch instead of loading a wrong model.
-Weights are safetensors; whole models are never pickled.
+  `num_key_value_heads`, the family's own `model_type`), so plain `AutoModelForCausalLM.from_pretrained`,
+  lm-eval, vLLM and llama.cpp's converter load it.
+- Widths differ per layer (LLM-Pruner keeps the first and last layers dense): Hugging Face's mechanism
+  for a model class it does not ship. The folder holds `configuration_pruneflow.py` and
+  `modeling_pruneflow.py` (torch and transformers only), config.json names them in `auto_map` under a
+  model type of their own (`pruneflow_llama`, ...) and lists the widths in `pruneflow_layer_shapes`, so
+  `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` loads it anywhere, and without
+  `trust_remote_code` transformers says that the folder needs it.
+pruneflow registers the same classes with the Auto classes, so inside pruneflow no flag is needed.
+Weights are safetensors in the dtype of the model the checkpoint was made from; whole models are
+never pickled.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,9 +35,31 @@ from pruneflow.architectures import (
     unsupported_architecture,
 )
 from pruneflow.errors import ModelError
-from pruneflow.sources import read_config_dict
+from pruneflow.remote_code import CODE_DIR, CODE_FILES
+from pruneflow.remote_code import configuration_pruneflow as remote_config
+from pruneflow.remote_code import modeling_pruneflow as remote_modeling
+from pruneflow.sources import PRUNED_MODEL_TYPES, read_config_dict
 
-LAYER_SHAPES_KEY = "pruneflow_layer_shapes"
+LAYER_SHAPES_KEY = remote_config.LAYER_SHAPES_KEY
+# family model_type -> (model_type, config class, model class) of its per-layer-width variant
+_VARIANTS: dict[str, tuple[str, type, type]] = {
+    "llama": ("pruneflow_llama", remote_config.PruneflowLlamaConfig, remote_modeling.PruneflowLlamaForCausalLM),
+    "mistral": ("pruneflow_mistral", remote_config.PruneflowMistralConfig,
+                remote_modeling.PruneflowMistralForCausalLM),
+    "qwen2": ("pruneflow_qwen2", remote_config.PruneflowQwen2Config, remote_modeling.PruneflowQwen2ForCausalLM),
+}
+assert {variant[0]: family for family, variant in _VARIANTS.items()} == PRUNED_MODEL_TYPES
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _register() -> None:
+    """Make the per-layer-width classes known to the Auto classes in this process (no remote code needed)."""
+    for model_type, config_cls, model_cls in _VARIANTS.values():
+        AutoConfig.register(model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+_register()
 
 
 def record_layer_shapes(model: nn.Module) -> list[LayerShape]:
@@ -46,41 +76,67 @@ def record_layer_shapes(model: nn.Module) -> list[LayerShape]:
         if hasattr(config, LAYER_SHAPES_KEY):
             delattr(config, LAYER_SHAPES_KEY)
     else:
-        widest = LayerShape(
-            num_attention_heads=max(s.num_attention_heads for s in shapes),
-            num_key_value_heads=max(s.num_key_value_heads for s in shapes),
-            intermediate_size=max(s.intermediate_size for s in shapes),
-        )
-        config.num_attention_heads = widest.num_attention_heads
-        config.num_key_value_heads = widest.num_key_value_heads
-        config.intermediate_size = widest.intermediate_size
+        config.num_attention_heads = max(s.num_attention_heads for s in shapes)
+        config.num_key_value_heads = max(s.num_key_value_heads for s in shapes)
+        config.intermediate_size = max(s.intermediate_size for s in shapes)
         setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in shapes])
     return shapes
 
 
-def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Save weights (safetensors), config with real shapes, and the tokenizer into `out_dir`."""
+def family_of(model_type: str | None) -> str | None:
+    """The family (llama, mistral, qwen2) of a vanilla or per-layer-width model type."""
+    return PRUNED_MODEL_TYPES.get(model_type or "", model_type)
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (config.json `dtype`; float32 when unstated)."""
+    raw = read_config_dict(path)
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _rewrite_config(out_dir: Path, per_layer: bool) -> None:
+    """Name the per-layer-width classes (and ship their code) or the family's vanilla ones."""
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    family = family_of(config.get("model_type"))
+    if family not in _VARIANTS:
+        raise ModelError(f"model_type={config.get('model_type')!r} has no per-layer-width variant; supported: "
+                         f"{', '.join(_VARIANTS)}")
+    model_type, config_cls, model_cls = _VARIANTS[family]
+    base_cls = model_cls.__mro__[1]
+    if per_layer:
+        config["model_type"] = model_type
+        config["architectures"] = [model_cls.__name__]
+        config["auto_map"] = {"AutoConfig": f"configuration_pruneflow.{config_cls.__name__}",
+                              "AutoModelForCausalLM": f"modeling_pruneflow.{model_cls.__name__}"}
+        for name in CODE_FILES:
+            shutil.copyfile(CODE_DIR / name, out_dir / name)
+    else:
+        config["model_type"] = family
+        config["architectures"] = [base_cls.__name__]
+        config.pop("auto_map", None)
+        config.pop(LAYER_SHAPES_KEY, None)
+        for name in CODE_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+    """Save weights (safetensors), config with real shapes, loading code when widths differ, tokenizer.
+
+    `dtype`: the dtype the weights are stored in (the source model's, `checkpoint_dtype`); the model is
+    cast in place, so call this last.
+    """
     out_dir = Path(out_dir)
-    record_layer_shapes(model)
+    shapes = record_layer_shapes(model)
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        model.to(dtype)
     model.save_pretrained(out_dir)
+    _rewrite_config(out_dir, per_layer=len(set(shapes)) > 1)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def _with_layer_shapes(base_cls: type) -> type:
-    """A subclass of `base_cls` that resizes its layers from the config before weights load."""
-
-    class PrunedCausalLM(base_cls):  # type: ignore[misc, valid-type]
-        def __init__(self, config, *args, **kwargs):
-            super().__init__(config, *args, **kwargs)
-            shapes = getattr(config, LAYER_SHAPES_KEY, None)
-            if shapes:
-                apply_layer_shapes(self, [LayerShape(**s) for s in shapes])
-
-    PrunedCausalLM.__name__ = base_cls.__name__
-    PrunedCausalLM.__qualname__ = base_cls.__qualname__
-    return PrunedCausalLM
 
 
 def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
@@ -92,8 +148,8 @@ def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
         set_layer_shape(layer, shape, size)
 
 
-def _model_class(path: Path):
-    """The config and the class that builds this checkpoint's real widths; refuses unknown architectures."""
+def _check_folder(path: Path) -> dict:
+    """config.json of a model folder, refusing a missing folder or an unsupported architecture."""
     if not path.is_dir():
         raise ModelError(f"model folder {str(path)!r} does not exist")
     raw = read_config_dict(path)
@@ -103,12 +159,11 @@ def _model_class(path: Path):
             f"architecture {unsupported!r} in {path}/config.json is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path}/config.json is not a usable model config: {exc}") from exc
-    base_cls = AutoModelForCausalLM._model_mapping[type(config)]
-    return config, (_with_layer_shapes(base_cls) if raw.get(LAYER_SHAPES_KEY) else base_cls)
+    if raw.get(LAYER_SHAPES_KEY) and raw.get("model_type") not in PRUNED_MODEL_TYPES:
+        raise ModelError(f"{path}/config.json lists per-layer widths under model_type={raw.get('model_type')!r}; "
+                         f"expected one of {', '.join(PRUNED_MODEL_TYPES)} (written by an older pruneflow? "
+                         "re-run the prune stage)")
+    return raw
 
 
 def model_skeleton(path: str | Path) -> nn.Module:
@@ -116,23 +171,32 @@ def model_skeleton(path: str | Path) -> nn.Module:
 
     Lets settings that depend on the model (LoRA rank, targets) be checked before anything heavy runs.
     """
-    config, cls = _model_class(Path(path))
-    with torch.device("meta"):
-        return cls(config)
-
-
-def load_pruned(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = torch.float32,
-    device: torch.device | str | None = None,
-) -> nn.Module:
-    """Load any pruneflow checkpoint (dense, uniformly or non-uniformly pruned) in eval mode."""
     path = Path(path)
-    _, cls = _model_class(path)
+    _check_folder(path)
     try:
-        model = cls.from_pretrained(path, dtype=dtype)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}/config.json is not a usable model config: {exc}") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_pruned(path: str | Path, *, dtype: Any = torch.float32, device: torch.device | str | None = None,
+                **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load any pruneflow checkpoint (dense, uniformly or per-layer pruned) in eval mode.
+
+    A thin wrapper of `AutoModelForCausalLM.from_pretrained` (which loads the same folders with
+    `trust_remote_code=True`): it checks the folder first for a clear error, and takes from_pretrained's
+    own arguments (`device_map`, `attn_implementation`, `dtype`: "auto" keeps the stored dtype).
+    `device` moves the loaded model there (for a single device; use `device_map` to spread one).
+    """
+    path = Path(path)
+    _check_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
     except MemoryError:
+        raise
+    except TypeError:  # a misspelt keyword argument is the caller's error, not the checkpoint's
         raise
     except Exception as exc:  # safetensors raises its own SafetensorError on a truncated file
         raise ModelError(f"could not load the model in {str(path)!r} (missing, truncated or corrupt weights?): "

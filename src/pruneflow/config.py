@@ -40,6 +40,7 @@ ZEROSHOT_TASKS = (
 STRUCTURES = ("attention", "ffn")
 AGGREGATIONS = ("sum", "product", "max", "last")
 ALLOCATIONS = ("uniform", "global")
+GGUF_TYPES = ("f32", "bf16", "f16", "q8_0")
 ATTENTION_UNITS = ("kv_group", "query_head")
 ATTENTION_UNIT_CHOICES = (*ATTENTION_UNITS, "auto")  # auto: measured per model (pruneflow.layout_search)
 # how the kept weights of o_proj / down_proj are re-fitted after removal (pruneflow.reconstruction)
@@ -181,6 +182,8 @@ class GridParams:
     criteria: tuple[str, ...] = ("taylor_element1", "l2_magnitude")
     ratios: tuple[Ratio, ...] = (Ratio(0.2),)
     recovered_criteria: tuple[str, ...] = ("taylor_element1",)
+    # criteria that also get a servable checkpoint: every layer the same widths (prune.servable_multiple)
+    servable_criteria: tuple[str, ...] = ()
 
     def validate(self, prefix: str) -> None:
         known = _criterion_names()
@@ -197,13 +200,12 @@ class GridParams:
             check_ratio(ratio, f"{prefix}.ratios")
         if len(set(self.ratios)) != len(self.ratios):
             _fail(f"{prefix}.ratios", list(self.ratios), "a list without duplicates")
-        for name in self.recovered_criteria:
-            if name not in self.criteria:
-                _fail(
-                    f"{prefix}.recovered_criteria",
-                    name,
-                    f"criteria listed in {prefix}.criteria ({_allowed(self.criteria)})",
-                )
+        for key in ("recovered_criteria", "servable_criteria"):
+            for name in getattr(self, key):
+                if name not in self.criteria:
+                    _fail(f"{prefix}.{key}", name, f"criteria listed in {prefix}.criteria ({_allowed(self.criteria)})")
+            if len(set(getattr(self, key))) != len(getattr(self, key)):
+                _fail(f"{prefix}.{key}", list(getattr(self, key)), "a list without duplicates")
 
 
 @dataclass(frozen=True)
@@ -217,10 +219,12 @@ class PruneParams:
     reconstruction_mode: str = "parallel"
     damping: float = 1e-3
     search_samples: int = 8  # calibration sequences that rank the layouts of attention_unit: auto
+    servable_multiple: int = 64  # servable checkpoints: FFN widths a multiple of this (GPU kernels' tile)
 
     def validate(self, prefix: str) -> None:
         _check_damping(f"{prefix}.damping", self.damping)
         _check_positive(f"{prefix}.search_samples", self.search_samples)
+        _check_positive(f"{prefix}.servable_multiple", self.servable_multiple)
         for key, value, allowed in (("allocation", self.allocation, ALLOCATIONS),
                                     ("attention_unit", self.attention_unit, ATTENTION_UNIT_CHOICES),
                                     ("reconstruction", self.reconstruction, RECONSTRUCTIONS),
@@ -364,6 +368,20 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    gguf_type: str = "q8_0"  # tensor type of the GGUF files: f32 | bf16 | f16 | q8_0
+    # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre); null: the source GGUF's, else llama.cpp's "default"
+    gguf_tokenizer_pre: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        if self.gguf_type not in GGUF_TYPES:
+            _fail(f"{prefix}.gguf_type", self.gguf_type, _allowed(GGUF_TYPES) + _did_you_mean(str(self.gguf_type), GGUF_TYPES))
+        if self.gguf_tokenizer_pre is not None and (not isinstance(self.gguf_tokenizer_pre, str)
+                                                    or not self.gguf_tokenizer_pre.strip()):
+            _fail(f"{prefix}.gguf_tokenizer_pre", self.gguf_tokenizer_pre, "null or a llama.cpp pre-tokenizer name")
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "pruneflow"
@@ -389,6 +407,7 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     recover: RecoverParams = field(default_factory=RecoverParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -554,8 +573,9 @@ def params_from_mapping(raw: Mapping[str, Any]) -> Params:
 # Keys inside a section may be left out (their defaults apply everywhere), except the grid keys DVC's
 # foreach/matrix read.
 REQUIRED_SECTIONS = ("scale", "seed", "runtime", "model", "calibration", "activations", "score", "grid", "prune",
-                     "recover", "evaluate", "laptop")
-REQUIRED_KEYS = ("grid.criteria", "grid.ratios", "grid.recovered_criteria", "laptop.recover", "laptop.evaluate")
+                     "recover", "evaluate", "export", "laptop")
+REQUIRED_KEYS = ("grid.criteria", "grid.ratios", "grid.recovered_criteria", "grid.servable_criteria",
+                 "laptop.recover", "laptop.evaluate")
 
 
 def _duplicate_keys(text: str) -> list[tuple[str, int, int]]:

@@ -52,6 +52,7 @@ class PruningPlan:
     allocation: str = "uniform"
     attention_unit: str = "kv_group"
     per_layer_fraction: float | None = None
+    width_multiple: int | None = None
     kept_attention_groups: dict[int, list[int]] = field(default_factory=dict)
     kept_query_heads: dict[int, list[int]] = field(default_factory=dict)
     kept_ffn_channels: dict[int, list[int]] = field(default_factory=dict)
@@ -126,8 +127,11 @@ def _ffn_units(layer_index: int, layer: nn.Module, shape: LayerShape, scores: Gr
                        shape.intermediate_size - 1)
 
 
-def _uniform_counts(units: list[_LayerUnits], target: float) -> tuple[dict[tuple[int, str], int], float]:
-    """Same fraction of attention units per layer; FFN channels fill the rest of the target."""
+def _uniform_counts(units: list[_LayerUnits], target: float,
+                    width_multiple: int | None = None) -> tuple[dict[tuple[int, str], int], float]:
+    """Same fraction of attention units per layer; FFN channels fill the rest of the target, the kept
+    width rounded to the nearest multiple of `width_multiple` when given (never below one multiple, never
+    above the layer's width)."""
     prunable = sum(u.cost * (u.max_units + 1) for u in units)
     fraction = target / prunable if prunable else 0.0
     attention = [u for u in units if u.structure == "attention"]
@@ -142,6 +146,11 @@ def _uniform_counts(units: list[_LayerUnits], target: float) -> tuple[dict[tuple
         ffn_share = max(0.0, target - removed) / capacity
         for u in ffn:
             counts[(u.layer, u.structure)] = min(round(ffn_share * (u.max_units + 1)), u.max_units)
+            if width_multiple:
+                width = u.max_units + 1
+                kept = width - counts[(u.layer, u.structure)]
+                rounded = max(width_multiple, round(kept / width_multiple) * width_multiple)
+                counts[(u.layer, u.structure)] = max(0, width - min(rounded, width))
     return counts, fraction
 
 
@@ -186,8 +195,13 @@ def plan_pruning(
     structures: Sequence[str] = ("attention", "ffn"),
     allocation: str = "uniform",
     attention_unit: str = "kv_group",
+    width_multiple: int | None = None,
 ) -> PruningPlan:
-    """Decide what to remove so that `ratio` of all parameters goes, lowest scores first."""
+    """Decide what to remove so that `ratio` of all parameters goes, lowest scores first.
+
+    `width_multiple` (uniform allocation only): FFN widths rounded to multiples of it, for checkpoints
+    whose widths GPU kernels and serving engines take as they are (`servable`).
+    """
     ratio = check_ratio(ratio, "ratio")
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"prune.allocation={allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS)}")
@@ -223,15 +237,18 @@ def plan_pruning(
             f"{layers[0]}..{layers[-1]} with structures {list(structures)} hold only {removable:,} removable "
             f"ones; allowed here: ratio <= {removable / total:.3f} (or widen prune.layer_start/layer_end)"
         )
+    if width_multiple is not None and allocation != "uniform":
+        raise ConfigError(f"widths rounded to a multiple ({width_multiple}) need prune.allocation='uniform', "
+                          f"not {allocation!r}")
     if allocation == "uniform":
-        counts, fraction = _uniform_counts(units, target)
+        counts, fraction = _uniform_counts(units, target, width_multiple)
     else:
         common = scores.metadata.get(COMMON_SCALE_KEY) == "true"
         counts, fraction = _global_counts(units, target, common_scale=common), None
 
     plan = PruningPlan(requested_ratio=ratio, layers=list(layers), structures=tuple(structures),
                        allocation=allocation, attention_unit=attention_unit, per_layer_fraction=fraction,
-                       params_before=total)
+                       width_multiple=width_multiple, params_before=total)
     for i in layers:
         shape = shapes[i]
         per_group = shape.num_attention_heads // shape.num_key_value_heads

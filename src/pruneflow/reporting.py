@@ -15,7 +15,7 @@ import pandas as pd
 
 from pruneflow.config import GridParams, format_ratio
 
-VARIANT_ORDER = {"dense": 0, "pruned": 1, "recovered": 2, "custom": 3}
+VARIANT_ORDER = {"dense": 0, "pruned": 1, "servable": 2, "recovered": 3, "custom": 4}
 TASK_LABELS = {
     "boolq": "BoolQ",
     "piqa": "PIQA",
@@ -32,6 +32,7 @@ def expected_model_ids(grid: GridParams) -> list[str]:
     """The models a grid evaluates, in report order."""
     ids = ["dense"]
     ids += [f"pruned/{c}/{format_ratio(r)}" for c in grid.criteria for r in grid.ratios]
+    ids += [f"servable/{c}/{format_ratio(r)}" for c in grid.servable_criteria for r in grid.ratios]
     ids += [f"recovered/{c}/{format_ratio(r)}" for c in grid.recovered_criteria for r in grid.ratios]
     return ids
 
@@ -50,6 +51,8 @@ def method_label(rec: dict[str, Any]) -> str:
         return "dense"
     pruning = rec.get("summaries", {}).get("pruning", {})
     parts = [rec.get("criterion") or rec.get("model_id", "?")]
+    if pruning.get("servable"):
+        parts.append(f"servable/{pruning.get('width_multiple')}")
     if pruning.get("allocation") not in (None, "uniform"):
         parts.append(str(pruning["allocation"]))
     if pruning.get("attention_unit") not in (None, "kv_group"):
@@ -255,9 +258,9 @@ def plot_quality_vs_throughput(frame: pd.DataFrame, out: Path, batch_size: int |
         for _, row in frame.iterrows():
             if column not in row or pd.isna(row.get(column)) or pd.isna(row.get("throughput_tokens_per_s")):
                 continue
-            marker = {"dense": "*", "pruned": "o", "recovered": "s"}.get(row["variant"], "x")
+            marker = {"dense": "*", "pruned": "o", "servable": "^", "recovered": "s"}.get(row["variant"], "x")
             ax.scatter(row["throughput_tokens_per_s"], row[column], marker=marker, s=60 if marker == "*" else 30)
-            ax.annotate(row["model"].removeprefix("pruned/").removeprefix("recovered/"),
+            ax.annotate(row["model"].removeprefix("pruned/").removeprefix("recovered/"),  # servable/ stays
                         (row["throughput_tokens_per_s"], row[column]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
         ax.set_xlabel(f"forward throughput (tokens/s, batch {batch_size})")
@@ -265,7 +268,7 @@ def plot_quality_vs_throughput(frame: pd.DataFrame, out: Path, batch_size: int |
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].set_title("* dense   o pruned   s recovered", fontsize=8)
+    axes[0].set_title("* dense   o pruned   ^ servable   s recovered", fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -280,13 +283,13 @@ def plot_vs_ratio(frame: pd.DataFrame, column: str, ylabel: str, out: Path, log:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     dense = frame[frame["variant"] == "dense"]
-    for (variant, method), group in frame[frame["variant"].isin(["pruned", "recovered"])].groupby(
+    for (variant, method), group in frame[frame["variant"].isin(["pruned", "servable", "recovered"])].groupby(
         ["variant", "method"]
     ):
         group = pd.concat([dense.assign(variant=variant, method=method), group]).sort_values("ratio")
         if column not in group or group[column].isna().all():
             continue
-        style = "-o" if variant == "pruned" else "--s"
+        style = {"pruned": "-o", "servable": "-.^"}.get(variant, "--s")
         ax.plot(group["ratio"], group[column], style, label=f"{method} ({variant})")
     if not dense.empty and column in dense and not dense[column].isna().all():
         ax.axhline(float(dense[column].iloc[0]), color="gray", lw=0.8, ls=":", label="dense")

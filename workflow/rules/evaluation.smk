@@ -52,6 +52,24 @@ rule evaluate_recovered:
         PIPELINE.shell("evaluate_recovered")
 
 
+rule evaluate_servable:
+    input:
+        unpack(PIPELINE.inputs("evaluate_servable")),
+    output:
+        **PIPELINE.outputs("evaluate_servable"),
+    conda:
+        CONDA_ENV
+    log:
+        PIPELINE.log("evaluate_servable"),
+    benchmark:
+        PIPELINE.benchmark("evaluate_servable")
+    threads: TORCH_THREADS
+    resources:
+        gpu=1,
+    shell:
+        PIPELINE.shell("evaluate_servable")
+
+
 rule report:
     input:
         unpack(PIPELINE.inputs("report")),

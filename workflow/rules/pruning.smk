@@ -30,3 +30,34 @@ rule prune:
     threads: TORCH_THREADS
     shell:
         PIPELINE.shell("prune")
+
+
+rule prune_servable:
+    input:
+        unpack(PIPELINE.inputs("prune_servable")),
+    output:
+        **PIPELINE.outputs("prune_servable"),
+    conda:
+        CONDA_ENV
+    log:
+        PIPELINE.log("prune_servable"),
+    benchmark:
+        PIPELINE.benchmark("prune_servable")
+    threads: TORCH_THREADS
+    shell:
+        PIPELINE.shell("prune_servable")
+
+
+rule export_gguf:
+    input:
+        unpack(PIPELINE.inputs("export_gguf")),
+    output:
+        **PIPELINE.outputs("export_gguf"),
+    conda:
+        CONDA_ENV
+    log:
+        PIPELINE.log("export_gguf"),
+    benchmark:
+        PIPELINE.benchmark("export_gguf")
+    shell:
+        PIPELINE.shell("export_gguf")

@@ -51,7 +51,7 @@ class Stage:
     outputs: Mapping[str, Output]
     params: tuple[str, ...]  # params.yaml keys the stage reads (DVC `params:`)
     inputs: Mapping[str, str] = field(default_factory=dict)
-    criteria: Literal["criteria", "recovered_criteria"] | None = None
+    criteria: Literal["criteria", "recovered_criteria", "servable_criteria"] | None = None
     ratios: bool = False
     data: Callable[[Params, Path], list[str]] = lambda params, root: []
     dvc_inputs: Mapping[str, str] = field(default_factory=dict)
@@ -164,6 +164,16 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
               "--out", "{output.model}"),
         outputs={"model": Output("data/pruned/{criterion}/{ratio}", kind="dir")},
     ),
+    Stage(  # every layer the same widths (FFN a multiple of prune.servable_multiple): a vanilla config
+        name="prune_servable", module="prune", criteria="servable_criteria", ratios=True,
+        params=("prune", "runtime.device", "activations.batch_size"),
+        inputs={"model": "prepare_model.model", "scores": "score.scores",
+                "activations": "cache_activations.activations", "calibration": "calibrate.calibration"},
+        args=("--model", "{input.model}", "--scores", "{input.scores}", "--activations", "{input.activations}",
+              "--calibration", "{input.calibration}", "--criterion", "{criterion}", "--ratio", "{ratio}",
+              "--servable", "--out", "{output.model}"),
+        outputs={"model": Output("data/servable/{criterion}/{ratio}", kind="dir")},
+    ),
     Stage(
         name="recover", module="recover", gpu=True, criteria="recovered_criteria", ratios=True,
         params=("seed", "runtime", "scale", "recover", "laptop.recover"), data=_recovery_data,
@@ -171,16 +181,25 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
         args=("--model", "{input.model}", "--teacher", "{input.teacher}", "--out", "{output.model}"),
         outputs={"model": Output("data/recovered/{criterion}/{ratio}", kind="dir")},
     ),
+    Stage(  # llama.cpp's format, for the checkpoints its llama / qwen2 graphs take (one width everywhere)
+        name="export_gguf", module="export_gguf", criteria="servable_criteria", ratios=True,
+        params=("export", "model.source"), inputs={"model": "prune_servable.model"},
+        args=("--model", "{input.model}", "--out", "{output.gguf}"),
+        outputs={"gguf": Output("data/gguf/servable/{criterion}/{ratio}.gguf")},
+    ),
     _evaluate("evaluate_dense", "prepare_model.model", "dense", "reports/metrics/dense.json"),
     _evaluate("evaluate_pruned", "prune.model", "pruned/{criterion}/{ratio}",
               "reports/metrics/pruned/{criterion}/{ratio}.json", criteria="criteria", ratios=True),
     _evaluate("evaluate_recovered", "recover.model", "recovered/{criterion}/{ratio}",
               "reports/metrics/recovered/{criterion}/{ratio}.json", criteria="recovered_criteria", ratios=True),
+    _evaluate("evaluate_servable", "prune_servable.model", "servable/{criterion}/{ratio}",
+              "reports/metrics/servable/{criterion}/{ratio}.json", criteria="servable_criteria", ratios=True),
     Stage(
         name="report", module="report", params=("grid",), record_output="plots",
         inputs={"dense": "evaluate_dense.metrics", "pruned": "evaluate_pruned.metrics",
-                "recovered": "evaluate_recovered.metrics"},
-        dvc_inputs={"dense": "reports/metrics", "pruned": "reports/metrics", "recovered": "reports/metrics"},
+                "recovered": "evaluate_recovered.metrics", "servable": "evaluate_servable.metrics"},
+        dvc_inputs={"dense": "reports/metrics", "pruned": "reports/metrics", "recovered": "reports/metrics",
+                    "servable": "reports/metrics"},
         args=("--metrics-dir", "reports/metrics", "--out", "{output.markdown}", "--csv", "{output.csv}",
               "--plots-dir", "{output.plots}"),
         outputs={
@@ -193,6 +212,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
 
 
 # ------------------------------------------------------------------------------------------ the graph
+
+# stages whose outputs no other stage reads: what a whole run asks for
+LEAF_STAGES = tuple(name for name in STAGES
+                    if not any(ref.split(".")[0] == name for other in STAGES.values() for ref in other.inputs.values()))
 
 
 def upstream_output(reference: str) -> tuple[Stage, Output]:
@@ -283,11 +306,11 @@ def stage_data(params: Params, stage: Stage, root: str | Path) -> list[str]:
 
 
 def stage_for_model_id(model_id: str) -> tuple[Stage, dict[str, str]] | None:
-    """The evaluate instance of a `--model-id` (dense, pruned/<c>/<r>, recovered/<c>/<r>), if it is one."""
+    """The evaluate instance of a `--model-id` (dense, {pruned,recovered,servable}/<c>/<r>), if it is one."""
     if model_id == "dense":
         return STAGES["evaluate_dense"], {}
     parts = model_id.split("/")
-    if len(parts) == 3 and parts[0] in ("pruned", "recovered"):
+    if len(parts) == 3 and parts[0] in ("pruned", "recovered", "servable"):
         return STAGES[f"evaluate_{parts[0]}"], {"criterion": parts[1], "ratio": parts[2]}
     return None
 

@@ -3,7 +3,7 @@
 Every stage output carries a record: for its own stage instance and for every instance upstream of
 it, the params it read, the hash of the source files it ran (its import closure) and the md5 of the
 data files it read; plus the md5 of the upstream outputs it read. Folders hold it in
-`pruneflow_record.json` (the report's in reports/plots/), safetensors files in their metadata,
+`pruneflow_record.json` (the report's in reports/plots/), safetensors and GGUF files in their metadata,
 metrics JSON under "pruneflow_record".
 
 `expected_chain` computes the same chain from the current params, code and data, without running
@@ -138,6 +138,10 @@ def read_record(path: str | Path) -> dict | None:
             record = json.loads(read_metadata(path)[RECORD_KEY])
         elif path.suffix == ".json":
             record = json.loads(path.read_text())[RECORD_KEY]
+        elif path.suffix == ".gguf":
+            from pruneflow.gguf_export import read_first_string
+
+            record = json.loads(read_first_string(path, RECORD_KEY) or "null")
         else:
             return None
     except Exception:  # missing, truncated, foreign: no usable record

@@ -28,12 +28,15 @@ from typing import Any
 from pruneflow.config import Params, load_params
 from pruneflow.pipeline.graph import (
     GPU_SLOT_PREFIX,
+    LEAF_STAGES,
     PARAMS_FILE,
     STAGES,
     STATE_DIR,
     all_outputs,
     command,
     input_paths,
+    instances,
+    outputs_of,
     stage_code,
     stage_data,
 )
@@ -179,8 +182,10 @@ class SnakemakePipeline:
 
     @property
     def targets(self) -> list[str]:
-        """What `rule all` asks for: the report (which needs every other output of the grid)."""
-        return [out.path for out in STAGES["report"].outputs.values()]
+        """What `rule all` asks for: the outputs no other stage reads (the report, which needs every
+        evaluated model, and the GGUF files), so every stage instance of the grid is built."""
+        return [path for stage, values in instances(self.params) if stage.name in LEAF_STAGES
+                for path in outputs_of(stage, values).values()]
 
 
 def _report_stale(found) -> None:

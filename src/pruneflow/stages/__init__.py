@@ -6,6 +6,7 @@ STAGES = (
     "cache_activations",
     "score",
     "prune",
+    "export_gguf",
     "recover",
     "evaluate",
     "report",

@@ -12,11 +12,11 @@ from pruneflow.config import RATIO_PATTERN, load_params, stage_params
 from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
 
 STAGE = "evaluate"
-_MODEL_ID = re.compile(rf"^(?P<variant>pruned|recovered)/(?P<criterion>[A-Za-z0-9_]+)/(?P<ratio>{RATIO_PATTERN})$")
+_MODEL_ID = re.compile(rf"^(?P<variant>pruned|recovered|servable)/(?P<criterion>[A-Za-z0-9_]+)/(?P<ratio>{RATIO_PATTERN})$")
 
 
 def describe_model_id(model_id: str) -> dict[str, Any]:
-    """`dense`, `pruned/<criterion>/<ratio>` or `recovered/<criterion>/<ratio>` -> its parts."""
+    """`dense` or `{pruned,recovered,servable}/<criterion>/<ratio>` -> its parts."""
     if model_id == "dense":
         return {"variant": "dense", "criterion": None, "ratio": 0.0}
     match = _MODEL_ID.match(model_id)
@@ -64,7 +64,7 @@ def check_seq_lens(model_dir: Path, seq_lens: Sequence[int]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = parser_for(STAGE, __doc__)
     parser.add_argument("--model", type=Path, required=True, help="model folder to evaluate")
-    parser.add_argument("--model-id", required=True, help="dense | pruned/<criterion>/<ratio> | recovered/...")
+    parser.add_argument("--model-id", required=True, help="dense | pruned/<criterion>/<ratio> | recovered/... | servable/...")
     parser.add_argument("--data-dir", type=Path, default=Path("data/raw"))
     parser.add_argument("--out", type=Path, required=True, help="output metrics.json")
     args = parser.parse_args(argv)

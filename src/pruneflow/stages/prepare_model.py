@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.architectures import count_parameters, layer_shapes
     from pruneflow.checkpoint import save_pruned
+    from pruneflow.model_card import source_card_facts, write_model_card
     from pruneflow.pipeline.records import recorder, write_record_file
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import step, write_chain
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_chain(tmp, [step(STAGE, command_line(), tracked, source_kind=source.kind,
                                    source_location=portable_location(source), params_count=parameters,
                                    layer_shapes=[s.to_dict() for s in layer_shapes(model)])])
+            write_model_card(tmp, title=f"{portable_location(source)} (dense)", **source_card_facts(source))
         run.log_metrics({"params": parameters, "layers": len(layer_shapes(model))})
 
 

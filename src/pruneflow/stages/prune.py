@@ -13,6 +13,7 @@ from pruneflow.config import BIAS_RECONSTRUCTIONS, format_ratio, load_params, pa
 from pruneflow.stages.cli import command_line, parser_for, require_file, run_cli
 
 STAGE = "prune"
+STAGE_SERVABLE = "prune_servable"  # the same module, every layer alike (`--servable`)
 SUMMARY_FILE = "pruning_summary.json"
 
 
@@ -28,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--criterion", required=True)
     parser.add_argument("--ratio", required=True, help="fraction of all parameters to remove, [0, 1)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint folder")
+    parser.add_argument("--servable", action="store_true",
+                        help="every layer pruned to the same widths, FFN a multiple of prune.servable_multiple: a "
+                             "vanilla config that vLLM, llama.cpp and every Hugging Face tool load")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     parsed = parse_ratio(args.ratio)  # a number in [0, 1), or a one-line error naming --ratio
@@ -42,10 +46,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = params.prune
     adds_bias = settings.reconstruction in BIAS_RECONSTRUCTIONS
     require_file(args.model, "model folder")
-    from pruneflow.checkpoint import load_pruned, read_config_dict, save_pruned
+    from pruneflow.checkpoint import checkpoint_dtype, load_pruned, read_config_dict, save_pruned
 
     model_config = read_config_dict(args.model)
-    layers = params.prune.layer_range(int(model_config["num_hidden_layers"]))  # before anything is loaded
+    num_layers = int(model_config["num_hidden_layers"])
+    # before anything is loaded; servable: every layer alike (a dense first or last layer would differ)
+    layers = range(num_layers) if args.servable else params.prune.layer_range(num_layers)
+    allocation = "uniform" if args.servable else settings.allocation
+    width_multiple = settings.servable_multiple if args.servable else None
     scores = GroupScores.load(args.scores)
     if scores.metadata.get("criterion") != args.criterion:
         raise DataError(
@@ -55,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.architectures import count_parameters, layer_shapes
     from pruneflow.layout_search import calibration_loss, choose_layout, layouts_to_try
+    from pruneflow.model_card import write_model_card
     from pruneflow.modeling import load_tokenizer
     from pruneflow.pipeline.atomic import atomic_dir
     from pruneflow.pipeline.records import recorder, write_record_file
@@ -92,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(params.runtime.device)
     model = load_pruned(args.model, device=device)
     tokenizer = load_tokenizer(args.model)
-    tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio}
+    tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio,
+               **({"servable": True} if args.servable else {})}
     with stage_run(STAGE, settings=params.mlflow, params=tracked,
                    tags={"pruneflow.criterion": args.criterion, "pruneflow.ratio": str(ratio)},
                    run_name=f"prune {args.criterion} {ratio}",
@@ -100,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         shapes_before = layer_shapes(model)
 
         def prune_with(target, layout):
-            plan = plan_pruning(target, scores, ratio, list(layers), layout.structures,
-                                allocation=settings.allocation, attention_unit=layout.attention_unit)
+            plan = plan_pruning(target, scores, ratio, list(layers), layout.structures, allocation=allocation,
+                                attention_unit=layout.attention_unit, width_multiple=width_multiple)
             return plan, prune_and_reconstruct(
                 target, plan, method=settings.reconstruction, mode=settings.reconstruction_mode,
                 damping=settings.damping, calibration_ids=calibration_ids,
@@ -127,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "pruned_layers": list(layers),
             "structures": list(plan.structures),
             "allocation": plan.allocation,
+            "servable": args.servable,
+            "width_multiple": plan.width_multiple,
             "attention_unit": plan.attention_unit,
             # attention_unit: auto -- each layout tried, its loss on the first search_samples calibration sequences
             "layout_search": [trial.to_dict() for trial in trials],
@@ -146,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "command": command_line(),
         }
         with atomic_dir(args.out) as tmp:
-            save_pruned(model, tmp, tokenizer=tokenizer)
+            save_pruned(model, tmp, tokenizer=tokenizer, dtype=checkpoint_dtype(args.model))  # the source's dtype
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             chain = read_chain(args.model)
             chain.append(step("score", scores.metadata.get("command", ""), {"criterion": args.criterion},
@@ -154,10 +166,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             chain.append(step(STAGE, command_line(), tracked, params_before=plan.params_before,
                               params_after=params_after, achieved_ratio=summary["achieved_ratio"]))
             write_chain(tmp, chain)
+            write_model_card(tmp, parent=args.model,
+                             title=f"{'servable' if args.servable else 'pruned'} {args.criterion} {ratio_name}")
             inputs = {"model": args.model, "scores": args.scores, "activations": args.activations}
             if args.calibration is not None:
                 inputs["calibration"] = args.calibration
-            write_record_file(tmp, recorder(STAGE, {"criterion": args.criterion, "ratio": ratio_name},
+            write_record_file(tmp, recorder(STAGE_SERVABLE if args.servable else STAGE,
+                                            {"criterion": args.criterion, "ratio": ratio_name},
                                             inputs=inputs).record(params))
         # wall time goes to MLflow only: the checkpoint folder stays byte-identical across reruns
         run.log_metrics({**{k: summary[k] for k in ("achieved_ratio", "params_before", "params_after")},

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from pruneflow.architectures import count_parameters
-    from pruneflow.checkpoint import load_pruned, save_pruned
+    from pruneflow.checkpoint import checkpoint_dtype, load_pruned, save_pruned
+    from pruneflow.model_card import write_model_card
     from pruneflow.pipeline.atomic import atomic_dir
     from pruneflow.pipeline.records import read_record, recorder, write_record_file
     from pruneflow.pipeline.tracking import stage_run
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "command": command_line(),
                 "history": result.history,
             }
-            save_pruned(merged, tmp, tokenizer=tokenizer)
+            save_pruned(merged, tmp, tokenizer=tokenizer, dtype=checkpoint_dtype(args.model))
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             if (args.model / "pruning_summary.json").is_file():
                 (tmp / "pruning_summary.json").write_text((args.model / "pruning_summary.json").read_text())
@@ -115,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             chain.append(step(STAGE, command_line(), tracked, optimizer_steps=result.optimizer_steps,
                               best_val_loss=result.best_val_loss))
             write_chain(tmp, chain)
+            instance = recovered_instance(read_record(args.model))
+            write_model_card(tmp, parent=args.model, title=" ".join(["recovered", *instance.values()]))
             write_record_file(tmp, recorder(STAGE, recovered_instance(read_record(args.model)),
                                             inputs={"model": args.model}).record(params))
         run.log_metrics({k: v for k, v in summary.items()

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     missing = [m for m in wanted if not metrics_path(args.metrics_dir, m).is_file()]
     if missing:
         raise DataError(f"metrics missing for {', '.join(missing)} in {args.metrics_dir}; run evaluate first")
-    metrics_files: dict[str, list[Path]] = {"dense": [], "pruned": [], "recovered": []}
+    metrics_files: dict[str, list[Path]] = {"dense": [], "pruned": [], "recovered": [], "servable": []}
     for model_id in wanted:  # the grid's metrics only: other files in the folder are not this report's inputs
         metrics_files[model_id.split("/")[0]].append(metrics_path(args.metrics_dir, model_id))
     with stage_run(STAGE, settings=params.mlflow, params=stage_params(params, "grid"),
