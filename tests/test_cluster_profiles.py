@@ -12,7 +12,8 @@ import pytest
 
 from .conftest import PROJECT_ROOT
 
-GPU_RULES = {"cache_activations", "score", "recover", "evaluate_dense", "evaluate_pruned", "evaluate_recovered"}
+GPU_RULES = {"cache_activations", "score", "recover", "evaluate_dense", "evaluate_pruned", "evaluate_recovered",
+             "evaluate_servable"}
 
 
 def _dry_run(*extra: str) -> str:
