@@ -25,7 +25,7 @@ from .trace_hook import read_traces, trace_hook_env
 pytestmark = pytest.mark.integration
 
 ALL_STAGES = {"prepare_model", "calibrate", "cache_activations", "score", "prune", "recover", "evaluate_dense",
-              "evaluate_pruned", "evaluate_recovered", "report"}
+              "evaluate_pruned", "evaluate_recovered", "report", "evaluate_servable", "export_gguf"}  # prune_servable: "prune"
 
 
 def _touch_source(root, relative: str) -> None:
@@ -35,7 +35,8 @@ def _touch_source(root, relative: str) -> None:
 
 def _check_outputs(root) -> None:
     results = (root / "reports/results.md").read_text()
-    for model_id in ("dense", "pruned/taylor_element1/0.3", "pruned/l2_magnitude/0.3", "recovered/taylor_element1/0.3"):
+    for model_id in ("dense", "pruned/taylor_element1/0.3", "pruned/l2_magnitude/0.3", "recovered/taylor_element1/0.3",
+                     "servable/l2_magnitude/0.3"):
         assert f"| {model_id} |" in results, model_id
         metrics = json.loads((root / f"reports/metrics/{model_id}.json").read_text())
         assert metrics["perplexity"]["wikitext2"]["ppl"] > 1
@@ -44,6 +45,9 @@ def _check_outputs(root) -> None:
         assert metrics["efficiency"]["generation_tokens_per_s"] > 0
         assert 0 <= metrics["zeroshot"]["arc_easy"]["acc"] <= 1
         assert metrics["provenance"][-1]["stage"] == "evaluate"
+    servable = json.loads((root / "data/servable/l2_magnitude/0.3/config.json").read_text())
+    assert servable["model_type"] == "llama" and servable["intermediate_size"] % 16 == 0  # vanilla, one width
+    assert (root / "data/gguf/servable/l2_magnitude/0.3.gguf").stat().st_size > 1000
     pruned = json.loads((root / "reports/metrics/pruned/taylor_element1/0.3.json").read_text())
     dense = json.loads((root / "reports/metrics/dense.json").read_text())
     summary = pruned["summaries"]["pruning"]
@@ -63,7 +67,7 @@ def _check_outputs(root) -> None:
     # the layout search ran (attention_unit: auto) and its trials are recorded
     trials = json.loads((root / "data/pruned/taylor_element1/0.3/pruning_summary.json").read_text())["layout_search"]
     assert [t["layout"] for t in trials] == ["ffn", "kv_group+ffn", "query_head+ffn"]
-    assert (root / "reports/results.csv").read_text().count("\n") == 5
+    assert (root / "reports/results.csv").read_text().count("\n") == 6
 
 
 def _check_mlflow(root, engine: str) -> None:
@@ -80,7 +84,7 @@ def _check_mlflow(root, engine: str) -> None:
     assert {r.data.tags["pruneflow.stage"] for r in stages} == {s.split("_")[0] if s.startswith("evaluate") else s
                                                               for s in ALL_STAGES}
     evaluate = [r for r in stages if r.data.tags["pruneflow.stage"] == "evaluate"]
-    assert len(evaluate) == 4 and all("perplexity.wikitext2" in r.data.metrics for r in evaluate)
+    assert len(evaluate) == 5 and all("perplexity.wikitext2" in r.data.metrics for r in evaluate)
 
 
 def _snakemake_ran(output: str) -> set[str]:
@@ -127,7 +131,7 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
 
     set_param(root, "laptop.evaluate.zeroshot_limit", 5)
     assert snakemake_planned_jobs(root) == {"evaluate_dense": 1, "evaluate_pruned": 2, "evaluate_recovered": 1,
-                                            "recover": 1, "report": 1}
+                                            "evaluate_servable": 1, "recover": 1, "report": 1}
     set_param(root, "laptop.evaluate.zeroshot_limit", 6)
 
     # an intermediate output that is gone while its settings change: the chain after it still reruns
@@ -141,7 +145,8 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     original = prune_source.read_text()
     _touch_source(root, "src/pruneflow/stages/prune.py")
     assert snakemake_planned_jobs(root) == {"prune": 2, "evaluate_pruned": 2, "recover": 1,
-                                            "evaluate_recovered": 1, "report": 1}
+                                            "evaluate_recovered": 1, "report": 1, "prune_servable": 1,
+                                            "evaluate_servable": 1, "export_gguf": 1}
     prune_source.write_text(original)
     assert snakemake_planned_jobs(root) == {"recover": 1, "evaluate_recovered": 1, "report": 1}
 
@@ -299,7 +304,7 @@ def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     # the edit above left stale), compared with the baseline commit like any two revisions
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "baseline results"], root)
-    no_recovery = ["-S", "grid.recovered_criteria=[]"]
+    no_recovery = ["-S", "grid.recovered_criteria=[]", "-S", "grid.servable_criteria=[]"]
     run(["dvc", "exp", "run", "-n", "ratio-02", "-S", "grid.ratios=[0.2]", "-S", "grid.criteria=[l2_magnitude]",
          *no_recovery], root)
     run(["dvc", "exp", "run", "-n", "crit-random", "-S", "grid.ratios=[0.3]", "-S", "grid.criteria=[random]",
@@ -327,7 +332,7 @@ def _every_criterion_overrides(**prune) -> dict:
     from pruneflow.importance import CRITERIA
 
     # MLflow off: tracking is checked by the two DAG tests above, and costs seconds per stage process
-    return {"grid": {"criteria": list(CRITERIA), "ratios": [0.3]}, "score": {"mi_tokens": 32}, "prune": prune,
+    return {"grid": {"criteria": list(CRITERIA), "ratios": [0.3], "servable_criteria": []}, "score": {"mi_tokens": 32}, "prune": prune,
             "mlflow": {"enabled": False}}
 
 
