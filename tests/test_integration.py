@@ -205,7 +205,7 @@ def _check_file_access(root, traces) -> None:
         dvc_deps = {out.def_path: [dep.def_path for dep in stage.deps if type(dep).__name__ != "ParamsDependency"]
                     for stage in repo.index.stages for out in stage.outs}
     stage_traces = [t for t in traces if re.search(r"pruneflow/stages/\w+\.py$", t["argv"][0])]
-    assert len(stage_traces) == len(jobs) == 13, [t["argv"][:2] for t in stage_traces]
+    assert len(stage_traces) == len(jobs) == 16, [t["argv"][:2] for t in stage_traces]
     project = os.path.realpath(root)
     for trace in stage_traces:
         argv = trace["argv"]
