@@ -21,7 +21,11 @@ def tokenizer_pre(configured: str | None, model_source: str) -> str:
     """llama.cpp's pre-tokenizer name: the configured one, else the source GGUF's, else "default"."""
     if configured:
         return configured
+    from pruneflow.config import EMBEDDED_SMOLLM2
     from pruneflow.sources import resolve_source
+
+    if model_source != EMBEDDED_SMOLLM2:  # a folder or hub id holds no GGUF header to read (nor is it an input)
+        return "default"
 
     source = resolve_source(model_source)
     if source.kind == "embedded":
