@@ -126,6 +126,20 @@ def _evaluate(name: str, model: str, model_id: str, metrics: str, **grid) -> Sta
     )
 
 
+def _prune(name: str, criteria: Literal["criteria", "servable_criteria"], out: str, *flags: str) -> Stage:
+    """A prune instance (per-layer widths, or `--servable`): the same inputs and params, its own folder."""
+    return Stage(
+        name=name, module="prune", criteria=criteria, ratios=True,
+        params=("prune", "runtime.device", "activations.batch_size"),
+        inputs={"model": "prepare_model.model", "scores": "score.scores",
+                "activations": "cache_activations.activations", "calibration": "calibrate.calibration"},
+        args=("--model", "{input.model}", "--scores", "{input.scores}", "--activations", "{input.activations}",
+              "--calibration", "{input.calibration}", "--criterion", "{criterion}", "--ratio", "{ratio}",
+              *flags, "--out", "{output.model}"),
+        outputs={"model": Output(out, kind="dir")},
+    )
+
+
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage(
         name="prepare_model", module="prepare_model", params=("model",), data=_model_source,
@@ -154,26 +168,9 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
               "{input.activations}", "--criterion", "{criterion}", "--out", "{output.scores}"),
         outputs={"scores": Output("data/scores/{criterion}.safetensors")},
     ),
-    Stage(
-        name="prune", module="prune", criteria="criteria", ratios=True,
-        params=("prune", "runtime.device", "activations.batch_size"),
-        inputs={"model": "prepare_model.model", "scores": "score.scores",
-                "activations": "cache_activations.activations", "calibration": "calibrate.calibration"},
-        args=("--model", "{input.model}", "--scores", "{input.scores}", "--activations", "{input.activations}",
-              "--calibration", "{input.calibration}", "--criterion", "{criterion}", "--ratio", "{ratio}",
-              "--out", "{output.model}"),
-        outputs={"model": Output("data/pruned/{criterion}/{ratio}", kind="dir")},
-    ),
-    Stage(  # every layer the same widths (FFN a multiple of prune.servable_multiple): a vanilla config
-        name="prune_servable", module="prune", criteria="servable_criteria", ratios=True,
-        params=("prune", "runtime.device", "activations.batch_size"),
-        inputs={"model": "prepare_model.model", "scores": "score.scores",
-                "activations": "cache_activations.activations", "calibration": "calibrate.calibration"},
-        args=("--model", "{input.model}", "--scores", "{input.scores}", "--activations", "{input.activations}",
-              "--calibration", "{input.calibration}", "--criterion", "{criterion}", "--ratio", "{ratio}",
-              "--servable", "--out", "{output.model}"),
-        outputs={"model": Output("data/servable/{criterion}/{ratio}", kind="dir")},
-    ),
+    _prune("prune", "criteria", "data/pruned/{criterion}/{ratio}"),
+    # every layer the same widths (FFN a multiple of prune.servable_multiple): a vanilla config
+    _prune("prune_servable", "servable_criteria", "data/servable/{criterion}/{ratio}", "--servable"),
     Stage(
         name="recover", module="recover", gpu=True, criteria="recovered_criteria", ratios=True,
         params=("seed", "runtime", "scale", "recover", "laptop.recover"), data=_recovery_data,
