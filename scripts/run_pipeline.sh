@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
-snakemake --cores all --resources gpu=2 "$@"
+pruneflow run --resources gpu=2 "$@"   # Snakemake with --cores all

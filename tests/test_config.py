@@ -67,7 +67,11 @@ def test_laptop_preset_applies_only_at_laptop_scale(raw):
         ("recover.distill_temperature", 0, r"recover.distill_temperature=0(\.0)? is not allowed; allowed: a number in \(0"),
         ("recover.distill_weight", 1.5, r"recover.distill_weight=1.5 is not allowed; allowed: a number in \[0, 1\]"),
         ("recover.data", ["notes.md"], r"recover.data='notes.md' is not allowed; allowed: .*\(\.json\).*\(\.txt\)"),
-        ("evaluate.zeroshot_tasks", ["hellaswag"], r"evaluate.zeroshot_tasks='hellaswag' .*allowed: 'boolq'"),
+        ("evaluate.zeroshot_tasks", ["arc easy"], r"evaluate.zeroshot_tasks='arc easy' .*allowed: a built-in task \('boolq'"),
+        ("evaluate.zeroshot_tasks", [""], r"evaluate.zeroshot_tasks='' is not allowed; allowed: .*lm-eval's registry"),
+        ("evaluate.zeroshot_include_path", "tasks", r"evaluate.zeroshot_include_path='tasks' .*allowed: a list of strings"),
+        ("evaluate.zeroshot_include_path", [" "], r"evaluate.zeroshot_include_path=' ' .*allowed: null or a list of folders"),
+        ("evaluate.zeroshot_include_path", ["a", "a"], r"evaluate.zeroshot_include_path=\['a', 'a'\] .*without duplicates"),
         ("evaluate.ppl_datasets", ["wikitext"], r"did you mean 'wikitext2'"),
         ("prune.structures", ["heads"], r"prune.structures='heads' is not allowed; allowed: 'attention', 'ffn'"),
         ("model.source", "embedded:llama", r"model.source='embedded:llama' is not allowed"),
@@ -100,6 +104,16 @@ def test_unknown_keys_suggest_the_nearest(raw, dotted, pattern):
     changed = _with(raw, dotted, {} if dotted == "laptop.prune" else 1)
     with pytest.raises(ConfigError, match=pattern):
         params_from_mapping(changed)
+
+
+def test_any_task_name_and_include_folders_pass_the_fast_check(raw):
+    """Names beyond the built-in ones are looked up at plan time (lm-eval's registry is slow to read)."""
+    changed = _with(_with(raw, "evaluate.zeroshot_tasks", ["hellaswag", "mmlu", "my_task"]),
+                    "evaluate.zeroshot_include_path", ["tasks/mine", "/abs/tasks"])
+    params = params_from_mapping(_with(changed, "scale", "full"))
+    assert params.evaluate.zeroshot_tasks == ("hellaswag", "mmlu", "my_task")
+    assert params.evaluate.zeroshot_include_path == ("tasks/mine", "/abs/tasks")
+    assert params_from_mapping(raw).evaluate.zeroshot_include_path is None
 
 
 def test_layer_range_outside_the_model_is_explained(raw):

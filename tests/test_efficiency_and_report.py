@@ -10,7 +10,14 @@ import torch
 from pruneflow.architectures import count_parameters
 from pruneflow.efficiency import macs_per_token, measure_efficiency, time_generation, weights_mib
 from pruneflow.pruning import apply_pruning, plan_pruning
-from pruneflow.reporting import efficiency_table, markdown_table, method_label, results_frame, setting_lines
+from pruneflow.reporting import (
+    efficiency_table,
+    markdown_table,
+    method_label,
+    results_frame,
+    setting_lines,
+    zeroshot_average_note,
+)
 from pruneflow.tiny_models import tiny_model
 
 from .test_pruning import _scores
@@ -107,6 +114,37 @@ def test_report_is_shaped_like_llm_pruner_table_1():
     assert "2048 tokens, 1 of 1 windows (full set)" in settings
 
 
+def _with_tasks(record: dict, tasks: list[str], headline: dict[str, str] | None = None) -> dict:
+    headline = {t: "acc" for t in tasks} | (headline or {})
+    return {**record, "zeroshot": {t: {"acc": 0.5, "acc_norm": 0.25, "exact_match": 0.1} for t in tasks},
+            "zeroshot_tasks": tasks, "zeroshot_headline_metric": headline}
+
+
+def test_report_names_the_tasks_behind_the_average_and_how_they_differ_from_the_paper():
+    default = ["boolq", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "lambada"]
+    paper = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+    dense = _record("dense", "dense", None, 0.0, 20.0, 1000.0)
+    pruned = _record("pruned/flap/0.2", "pruned", "flap", 0.2, 30.0, 1200.0)
+    assert zeroshot_average_note([_with_tasks(dense, default), _with_tasks(pruned, default)]) == (
+        "Zero-shot average over boolq, piqa, winogrande, arc_easy, arc_challenge, openbookqa, lambada — "
+        "not LLM-Pruner's seven: hellaswag missing, lambada added.")
+    assert zeroshot_average_note([_with_tasks(dense, paper)]) == (
+        "Zero-shot average over boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa — "
+        "LLM-Pruner's seven.")
+    assert zeroshot_average_note([dense]).endswith("arc_easy, boolq — not LLM-Pruner's seven: piqa, hellaswag, "
+                                                   "winogrande, arc_challenge, openbookqa missing.")  # older records
+    mixed = zeroshot_average_note([_with_tasks(dense, paper), _with_tasks(pruned, ["piqa"])])
+    assert "(for dense)" in mixed and "average over piqa (for pruned/flap/0.2)" in mixed
+    assert zeroshot_average_note([{**dense, "zeroshot": {}, "zeroshot_tasks": []}]) is None
+
+    # a task outside the built-in ones gets its own column, labelled with its headline metric
+    records = [_with_tasks(r, ["boolq", "hellaswag", "my_task"], {"hellaswag": "acc_norm", "my_task": "exact_match"})
+               for r in (dense, pruned)]
+    header = markdown_table(results_frame(records), records).splitlines()[0]
+    assert header.endswith("| BoolQ (acc) | HellaSwag (acc_norm) | my_task (exact_match) | average |")
+    assert "exact_match for my_task" in "\n".join(setting_lines(records))
+
+
 def test_method_label_names_non_default_structures():
     assert method_label({"variant": "dense"}) == "dense"
     assert method_label({"variant": "pruned", "criterion": "taylor_element1",
@@ -150,6 +188,7 @@ def test_report_of_a_perplexity_only_or_zero_shot_only_run(tmp_path, monkeypatch
     report.main(["--out", "reports/results.md", "--csv", "reports/results.csv", "--plots-dir", "reports/plots"])
     table = (tmp_path / "reports/results.md").read_text()
     assert ("WikiText-2" in table) == (only == "perplexity") and ("ARC-e" in table) == (only == "zeroshot")
+    assert ("Zero-shot average over arc_easy, boolq — not LLM-Pruner's seven" in table) == (only == "zeroshot")
     assert {p.name for p in (tmp_path / "reports/plots").iterdir()} >= {"ppl_vs_ratio.png", "quality_vs_throughput.png",
                                                                        "pruneflow_record.json"}
 
@@ -175,4 +214,5 @@ def test_evaluate_a_perplexity_only_or_zero_shot_only_setting(staged_project, tm
     assert bool(metrics["perplexity"]) == (only == "perplexity")
     assert bool(metrics["zeroshot"]) == (only == "zeroshot")
     assert (metrics["zeroshot_average"] is None) == (only == "perplexity")
+    assert metrics["zeroshot_tasks"] == ([] if only == "perplexity" else ["arc_easy"])  # what the report names
     assert metrics["pruneflow_record"]["instance"] == "evaluate_dense"

@@ -87,6 +87,32 @@ def _check_mlflow(root, engine: str) -> None:
     assert len(evaluate) == 5 and all("perplexity.wikitext2" in r.data.metrics for r in evaluate)
 
 
+def _check_one_shot(root, out_dir) -> None:
+    """One model without the DAG -- `pruneflow prune` and `pruneflow.prune` -- gives the DAG's checkpoint
+    for the same settings (params.yaml): the same tensors and config, per-layer and servable."""
+    import pruneflow
+    from pruneflow.modeling import load_tokenizer
+    from pruneflow.text_data import read_rows
+
+    from .test_cli import same_tensors
+
+    for criterion, flags, dag in (("taylor_element1", [], "data/pruned/taylor_element1/0.3"),
+                                  ("l2_magnitude", ["--servable"], "data/servable/l2_magnitude/0.3")):
+        out = out_dir / criterion
+        run(["pruneflow", "prune", "data/models/dense", "--criterion", criterion, "--ratio", "0.3", "--out", str(out),
+             *flags], root)
+        assert same_tensors(root / dag, out), dag
+        assert json.loads((out / "config.json").read_text()) == json.loads((root / dag / "config.json").read_text())
+        one_shot, built = (json.loads((p / "pruning_summary.json").read_text()) for p in (out, root / dag))
+        assert {k: v for k, v in one_shot.items() if k != "command"} == {k: v for k, v in built.items() if k != "command"}
+    model = pruneflow.load_pruned(root / "data/models/dense")
+    texts = read_rows(root / "data/raw/wikitext-2/train.txt", "calibration.source")
+    pruneflow.prune(model, load_tokenizer(root / "data/models/dense"), texts, criterion="taylor_element1", ratio=0.3,
+                    params=root / "params.yaml")
+    pruneflow.save_pruned(model, out_dir / "api")
+    assert same_tensors(root / "data/pruned/taylor_element1/0.3", out_dir / "api")
+
+
 def _snakemake_ran(output: str) -> set[str]:
     """The rules a `snakemake` run executed (from its log on stdout)."""
     return set(re.findall(r"^(?:local)?rule (\w+):", output, flags=re.M)) - {"all"}
@@ -96,10 +122,12 @@ def test_snakemake_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     root = make_tiny_project(tmp_path / "project")
     init_git_and_dvc(root)  # a DVC project: the run records its outputs in dvc.lock
     traces = tmp_path / "traces"  # every stage process records what it opened and imported
-    run(["snakemake", "--cores", "all", "--resources", "gpu=2"], root,
+    # `pruneflow run` is Snakemake with --cores all and the options given
+    run(["pruneflow", "run", "--resources", "gpu=2"], root,
         extra_env=trace_hook_env(tmp_path / "trace_hook", traces, pythonpath=str(root / "src")))
     _check_outputs(root)
     _check_mlflow(root, "snakemake")
+    _check_one_shot(root, tmp_path / "one_shot")
     assert "up to date" in run(["dvc", "status"], root).stdout, "Snakemake's outputs must be recorded in dvc.lock"
     _check_input_hashes(root)
     _check_file_access(root, read_traces(traces))
@@ -179,7 +207,7 @@ _NOT_INPUTS = ("params.yaml", "dvc.yaml", "dvc.lock", "mlflow.db", ".pruneflow/"
 
 
 def _dry_run_jobs(root) -> list[dict]:
-    out = run(["snakemake", "--dry-run", "--forceall", "--cores", "1"], root).stdout
+    out = run(["pruneflow", "run", "--dry-run", "--forceall", "--cores", "1"], root).stdout  # the caller's --cores
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         match = re.match(r"(?:local)?rule (\w+):", block)

@@ -17,7 +17,7 @@ from pruneflow.pipeline.graph import STAGES, evaluation_files, stage_code, stage
 
 from .conftest import DVC_YAML_AT_START, PROJECT_ROOT
 
-LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")
+LOG_REDIRECT = re.compile(r"\s*3>&2\s*>\s*\S+\s+2>&1\s*$")
 
 
 def _env() -> dict[str, str]:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import re
 from pathlib import Path
 
 import lm_eval
@@ -16,7 +17,7 @@ import torch
 import yaml
 
 from pruneflow import zeroshot
-from pruneflow.config import ZEROSHOT_TASKS
+from pruneflow.config import BUILTIN_ZEROSHOT_TASKS, ZEROSHOT_TASKS
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.zeroshot import HEADLINE_METRIC, evaluate_zeroshot, zeroshot_average
 
@@ -371,13 +372,21 @@ def test_multiple_choice_and_partial_scores_equal_a_reference_loop(llama, tokeni
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("tasks", [["arc_easy", "hellaswag"], "hellaswag", ["ARC_EASY"]])
-def test_unknown_task_is_a_config_error_naming_it(tmp_path, tasks):
+@pytest.mark.parametrize(
+    ("tasks", "suggestion"),
+    [(["arc_easy", "hellaswg"], "hellaswag"), ("arc_eazy", "arc_easy"), (["ARC_EASY"], None), (["zzqx_9"], None)],
+)
+def test_unknown_task_is_a_config_error_naming_it(tmp_path, tasks, suggestion):
+    """Not built-in, not in lm-eval's registry, not under the include path: refused before any model work."""
     bad = tasks if isinstance(tasks, str) else tasks[-1]
     with pytest.raises(ConfigError) as info:
         evaluate_zeroshot(Untouchable(), Untouchable(), tasks, tmp_path, None, 4, CPU)
-    assert repr(bad) in str(info.value)
-    assert all(name in str(info.value) for name in ZEROSHOT_TASKS)
+    message = str(info.value)
+    assert f"evaluate.zeroshot_tasks={bad!r} is not allowed" in message and "lm-eval's registry" in message
+    assert all(repr(name) in message for name in BUILTIN_ZEROSHOT_TASKS)
+    assert (f"did you mean {suggestion!r}?" in message) if suggestion else "did you mean" not in message
+    with pytest.raises(ConfigError, match=re.escape(repr(bad))):  # the plan's check says the same
+        zeroshot.check_task_files([bad], tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -440,8 +449,8 @@ def test_invalid_json_line_is_a_data_error(tmp_path):
 
 
 def test_headline_metrics_cover_every_task():
-    assert set(HEADLINE_METRIC) == set(ZEROSHOT_TASKS)
-    assert {HEADLINE_METRIC[t] for t in ("arc_easy", "arc_challenge", "openbookqa")} == {"acc_norm"}
+    assert set(HEADLINE_METRIC) == set(BUILTIN_ZEROSHOT_TASKS) == set(ZEROSHOT_TASKS) | {"hellaswag"}
+    assert {HEADLINE_METRIC[t] for t in ("arc_easy", "arc_challenge", "openbookqa", "hellaswag")} == {"acc_norm"}
     assert {HEADLINE_METRIC[t] for t in ("boolq", "piqa", "winogrande", "lambada")} == {"acc"}
 
 
@@ -459,3 +468,222 @@ def test_zeroshot_average_uses_headline_metrics_or_overrides():
         zeroshot_average(results, {"winogrande": "acc_norm"})
     with pytest.raises(ConfigError):
         zeroshot_average({})
+
+
+# ----------------------------------------------------------------------------- hellaswag
+
+# Records in Rowan/hellaswag's layout, with what lm-eval's preprocessing rewrites: WikiHow's "[title]" and
+# "[step]" markers, double spaces, a lower-case ctx_b, an empty ctx_b, labels as strings (as in the
+# dataset) and as integers, extra keys the task does not read.
+HELLASWAG = [
+    {"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow covering "
+     "the window of a car, and a woman wearing winter clothes smiles.", "ctx_b": "then",
+     "endings": [", the man adds wax to the windshield.", ", a person boards a ski lift.",
+                 ", the man puts on a coat.", ", the man continues removing the snow on his car."],
+     "label": "3", "split": "val"},
+    {"activity_label": "Home and Garden", "ctx_a": "[header] How to grow a lawn [title] Pick  seed.", "ctx_b": "",
+     "endings": ["[step] Water it.", "Dig a hole [title] Done.", "Sing  loudly.", "Sleep."], "label": 1},
+    {"activity_label": "Fun sliding down", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "endings": ["is using wrap to wrap a pair of skis.", "starts pulling up roofing on a roof.",
+                 "is ripping level tiles off.", "holds a rubik's cube."], "label": 2},
+]
+
+
+def write_hellaswag(root: Path, records: list) -> Path:
+    folder = root / "zeroshot"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hellaswag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_hellaswag_runs_with_lm_evals_own_preprocessing(llama, tokenizer, tmp_path):
+    """The contexts and endings lm-eval scores are its hellaswag preprocessing of the raw fields, computed here
+    independently; the headline metric is acc_norm (LLM-Pruner's table)."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    data_dir = write_hellaswag(tmp_path, HELLASWAG)
+    raw = zeroshot._run(llama, tokenizer, ["hellaswag"], data_dir, None, 4, CPU, log_samples=True)
+    samples = samples_of(raw, "hellaswag")
+    assert len(samples) == len(HELLASWAG)
+    for doc, sample in zip(HELLASWAG, samples, strict=True):
+        context = preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+        assert [tuple(a) for a in sample["arguments"]] == [(context, " " + preprocess(e)) for e in doc["endings"]]
+        assert sample["target"] == int(doc["label"])
+    contexts = [s["arguments"][0][0] for s in samples]
+    assert contexts[1] == "Home and Garden: How to grow a lawn. Pick seed."  # not just the raw text
+    assert contexts[0].endswith("smiles. Then")
+
+    results = evaluate_zeroshot(llama, tokenizer, ["hellaswag", "boolq"], write_data(data_dir, {"boolq": DOCS["boolq"]}),
+                                None, 4, CPU)
+    scores = results["hellaswag"]
+    assert scores["headline_metric"] == "acc_norm" and scores["n"] == len(HELLASWAG)
+    assert scores["acc_norm"] == pytest.approx(np.mean([s["acc_norm"] for s in samples]))
+    assert scores["acc"] == pytest.approx(np.mean([s["acc"] for s in samples]))
+
+
+def test_hellaswag_without_its_file_is_a_data_error_naming_it(tmp_path):
+    write_data(tmp_path, {"boolq": DOCS["boolq"]})
+    path = (tmp_path / "zeroshot" / "hellaswag.jsonl").resolve()
+    with pytest.raises(DataError) as info:
+        evaluate_zeroshot(Untouchable(), Untouchable(), ["boolq", "hellaswag"], tmp_path, None, 4, CPU)
+    assert f"zero-shot data file {path} is missing" in str(info.value) and "Rowan/hellaswag" in str(info.value)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'zeroshot' / 'hellaswag.jsonl'} is missing")):
+        zeroshot.check_task_files(["hellaswag"], tmp_path)  # at plan time too
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"endings": None}, "missing key(s) endings"),
+        ({"endings": ["only one"]}, "'endings' must be a list of at least 2"),
+        ({"label": 4}, "'label' must be an index into 'endings'"),
+        ({"label": "two"}, "'label' must be an index into 'endings'"),
+        ({"label": True}, "'label' must be an index into 'endings'"),
+        ({"ctx_b": None}, "'ctx_b' must be a string"),
+        ({"ctx_a": " "}, "'ctx_a' must not be empty"),
+    ],
+)
+def test_hellaswag_bad_record_is_a_data_error_naming_file_line_and_keys(tmp_path, change, fragment):
+    bad = {k: v for k, v in {**HELLASWAG[1], **change}.items() if not (k == "endings" and v is None)}
+    data_dir = write_hellaswag(tmp_path, [HELLASWAG[0], bad, HELLASWAG[2]])
+    with pytest.raises(DataError) as info:
+        zeroshot.check_task_files(["hellaswag"], data_dir)
+    message = str(info.value)
+    assert f"{data_dir / 'zeroshot' / 'hellaswag.jsonl'}:2: {fragment}" in message
+    assert "expected keys: activity_label, ctx_a, ctx_b, endings, label" in message
+
+
+# ----------------------------------------------------------------------------- other lm-eval tasks
+
+COLORS_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+num_fewshot: 3
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: options
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_colors_task(folder: Path, name: str = "my_colors") -> Path:
+    """A user's own lm-eval task (multiple choice over a local jsonl) in `folder`; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "colors.jsonl"
+    docs = [{"question": f"Which color is thing {i}?", "options": ["red", "green", "dark blue"], "answer": i % 3}
+            for i in range(5)]
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / f"{name}.yaml").write_text(COLORS_YAML.format(name=name, data=data))
+    return folder
+
+
+def test_a_task_from_the_include_path_runs_through_lm_eval(llama, tokenizer, tmp_path):
+    """evaluate.zeroshot_tasks: [my_colors] with evaluate.zeroshot_include_path: [<folder>], as the stage runs it."""
+    from pruneflow.config import params_from_mapping
+
+    from .conftest import PROJECT_ROOT
+
+    folder = write_colors_task(tmp_path / "my_tasks")
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["scale"] = "full"
+    raw["evaluate"].update(zeroshot_tasks=["my_colors", "boolq"], zeroshot_include_path=[str(folder)],
+                           zeroshot_limit=4)
+    cfg = params_from_mapping(raw).evaluate
+    data_dir = write_data(tmp_path / "data", {"boolq": DOCS["boolq"]})
+    assert zeroshot.check_task_files(cfg.zeroshot_tasks, data_dir, include_path=cfg.zeroshot_include_path) == {
+        "my_colors": "include_path", "boolq": "builtin"}
+
+    results = evaluate_zeroshot(llama, tokenizer, cfg.zeroshot_tasks, data_dir, cfg.zeroshot_limit, 4, CPU,
+                                include_path=cfg.zeroshot_include_path)
+    assert list(results) == ["my_colors", "boolq"]
+    colors = results["my_colors"]
+    assert colors["n"] == 4 and colors["headline_metric"] == "acc"
+    assert set(colors) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "headline_metric"}
+    assert 0.0 <= colors["acc"] <= 1.0 and 0.0 <= colors["acc_norm"] <= 1.0
+    assert results["boolq"]["n"] == 3 and results["boolq"]["headline_metric"] == "acc"
+    assert zeroshot_average(results) == pytest.approx((colors["acc"] + results["boolq"]["acc"]) / 2)
+
+    raw_run = zeroshot._run(llama, tokenizer, ["my_colors"], data_dir, 1, 4, CPU, log_samples=True,
+                            include_path=[folder])
+    assert raw_run["n-shot"]["my_colors"] == 0  # zero-shot, although the task's YAML asks for 3
+    assert [tuple(a) for a in raw_run["samples"]["my_colors"][0]["arguments"]] == [
+        ("Q: Which color is thing 0?\nA:", " " + c) for c in ("red", "green", "dark blue")]
+
+    with pytest.raises(ConfigError) as info:
+        zeroshot.check_task_files(["my_colours"], data_dir, include_path=cfg.zeroshot_include_path)
+    assert "evaluate.zeroshot_tasks='my_colours' is not allowed" in str(info.value)
+    assert str(folder) in str(info.value) and "did you mean 'my_colors'?" in str(info.value)
+
+
+def test_missing_include_path_is_a_config_error_naming_it(tmp_path):
+    (tmp_path / "a_file.yaml").write_text("task: x\n")
+    for value, problem in (("nowhere", "does not exist"), ("a_file.yaml", "is a file, not a folder")):
+        with pytest.raises(ConfigError) as info:
+            zeroshot.check_task_files(["boolq"], tmp_path, include_path=[value], root=tmp_path)
+        message = str(info.value)
+        assert f"evaluate.zeroshot_include_path={value!r} is not allowed: {tmp_path / value} {problem}" in message
+        assert "allowed: null or a list of existing folders of lm-eval task YAML files" in message
+    with pytest.raises(ConfigError, match="nowhere"):
+        evaluate_zeroshot(Untouchable(), Untouchable(), ["boolq"], tmp_path, None, 4, CPU,
+                          include_path=[tmp_path / "nowhere"])
+
+
+def test_registry_tasks_are_known_and_tags_are_refused(tmp_path):
+    """A registry name passes the plan's check (its data comes from the Hub or the datasets cache at run
+    time); a tag has no one score, so its tasks must be listed."""
+    assert zeroshot.task_sources(["lambada_openai", "arc_easy", "mmlu"]) == {
+        "lambada_openai": "lm_eval", "arc_easy": "builtin", "mmlu": "lm_eval"}
+    with pytest.raises(ConfigError, match=r"'ai2_arc' is not allowed: it is an lm-eval tag .*\(arc_challenge, arc_easy\)"):
+        zeroshot.task_sources(["ai2_arc"])
+    folder = write_colors_task(tmp_path / "tasks")
+    (folder / "group.yaml").write_text("group: my_group\ntask: [my_colors]\n")
+    with pytest.raises(ConfigError, match=r"'my_group' is not allowed: it is an lm-eval group without an aggregate"):
+        zeroshot.task_sources(["my_group"], [folder])
+
+
+def test_include_path_folder_is_an_input_of_the_evaluate_stage(tmp_path):
+    """Its YAMLs and data change the scores, so both engines declare the folder and records hash it."""
+    from pruneflow.config import params_from_mapping
+    from pruneflow.pipeline.graph import STAGES, evaluation_files, stage_data
+
+    from .conftest import PROJECT_ROOT
+
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["evaluate"].update(zeroshot_tasks=["my_colors", "arc_easy"], zeroshot_include_path=["my_tasks"])
+    raw["laptop"]["evaluate"].pop("zeroshot_tasks", None)
+    params = params_from_mapping(raw)
+    assert "my_tasks" in stage_data(params, STAGES["evaluate_dense"], tmp_path)
+    assert "data/raw/zeroshot/arc_easy.jsonl" in evaluation_files(params, root=tmp_path)
+    assert not any("my_colors" in path for path in evaluation_files(params, root=tmp_path))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_lm_eval_progress_bars_go_to_stderr_unless_turned_off(llama, tokenizer, tmp_path, capsys, monkeypatch,
+                                                             shown):
+    monkeypatch.delenv("PRUNEFLOW_PROGRESS_FD", raising=False)
+    if shown:
+        monkeypatch.delenv("PRUNEFLOW_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("PRUNEFLOW_PROGRESS", "0")
+    data_dir = write_data(tmp_path, {"boolq": DOCS["boolq"]})
+    evaluate_zeroshot(llama, tokenizer, ["boolq"], data_dir, 1, 2, CPU)
+    captured = capsys.readouterr()
+    assert ("Running loglikelihood requests" in captured.err) == shown
+    assert "Running loglikelihood" not in captured.out
+

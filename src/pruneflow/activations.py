@@ -18,6 +18,7 @@ from torch import nn
 
 from pruneflow.architectures import decoder_layers
 from pruneflow.gram import GramAccumulator
+from pruneflow.progress import progress
 
 HOOKED_INPUTS = {
     "attn_in": ("self_attn", "q_proj"),
@@ -72,7 +73,7 @@ def collect_activation_stats(
             module = getattr(getattr(layer, parent), child)
             handles.append(module.register_forward_pre_hook(make_hook(f"layers.{index}.{name}")))
     try:
-        for chunk in input_ids.split(batch_size):
+        for chunk in progress(input_ids.split(batch_size), desc="activation statistics", unit="batch"):
             model(input_ids=chunk.to(device), use_cache=False)
             batch_offset[0] += chunk.numel()
     finally:
@@ -109,3 +110,16 @@ def load_activation_stats(path, needed_by: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # safetensors raises its own error types on truncated files
         raise DataError(f"activation cache {str(path)!r} is not a readable safetensors file "
                         f"(truncated or corrupt?): {exc}; delete it and rerun cache_activations") from exc
+
+
+def activation_statistics(model: nn.Module, calibration_ids: torch.Tensor, params,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """`collect_activation_stats` with the `activations` settings and the seed of `params` (a `Params`):
+    what the cache_activations stage stores and `pruneflow.prune` computes in memory."""
+    from pruneflow.runtime import seed_everything
+
+    seed_everything(params.seed)
+    settings = params.activations
+    return collect_activation_stats(model, calibration_ids, batch_size=settings.batch_size,
+                                    max_tokens=settings.max_tokens, seed=params.seed, device=device,
+                                    gram_matrices=settings.gram_matrices)

@@ -28,6 +28,8 @@ from pruneflow.errors import ConfigError
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 SCALES = ("laptop", "full")
 PPL_DATASETS = ("wikitext2", "ptb", "ptb_test")
+# the default zero-shot suite: the built-in tasks whose local files data/raw holds (LAMBADA stands in for
+# HellaSwag, whose data is not here)
 ZEROSHOT_TASKS = (
     "boolq",
     "piqa",
@@ -37,6 +39,13 @@ ZEROSHOT_TASKS = (
     "openbookqa",
     "lambada",
 )
+# every built-in task (a local file under <data_dir>/zeroshot/); any other name is looked up in lm-eval's
+# registry and evaluate.zeroshot_include_path at plan time (pruneflow.zeroshot_tasks)
+BUILTIN_ZEROSHOT_TASKS = (*ZEROSHOT_TASKS, "hellaswag")
+# the seven tasks of LLM-Pruner's Table 1, whose mean is its "average" column
+PAPER_ZEROSHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+ZEROSHOT_TASKS_ALLOWED = (f"a built-in task ({', '.join(repr(t) for t in BUILTIN_ZEROSHOT_TASKS)}), a task or group "
+                          "of lm-eval's registry, or a task under evaluate.zeroshot_include_path (a name without spaces)")
 STRUCTURES = ("attention", "ffn")
 AGGREGATIONS = ("sum", "product", "max", "last")
 ALLOCATIONS = ("uniform", "global")
@@ -98,8 +107,8 @@ class ModelParams:
 class CalibrationParams:
     # never an evaluation file: pipeline.preflight compares resolved paths and contents
     source: str = "data/raw/wikitext-2/train.txt"
-    num_samples: int = 10
-    seq_len: int = 64
+    num_samples: int = 512
+    seq_len: int = 128
 
     def validate(self, prefix: str) -> None:
         if not self.source.strip():
@@ -214,10 +223,10 @@ class PruneParams:
     layer_end: int = -2
     structures: tuple[str, ...] = STRUCTURES
     allocation: str = "uniform"
-    attention_unit: str = "kv_group"
+    attention_unit: str = "auto"
     reconstruction: str = "least_squares"
     reconstruction_mode: str = "parallel"
-    damping: float = 1e-3
+    damping: float = 1e-2
     search_samples: int = 8  # calibration sequences that rank the layouts of attention_unit: auto
     servable_multiple: int = 64  # servable checkpoints: FFN widths a multiple of this (GPU kernels' tile)
 
@@ -327,6 +336,8 @@ class EvaluateParams:
     ppl_batch_size: int = 16
     ppl_max_windows: int | None = None
     zeroshot_tasks: tuple[str, ...] = ZEROSHOT_TASKS
+    # folders of the user's own lm-eval task YAMLs (lm-eval's TaskManager include_path); null: none
+    zeroshot_include_path: tuple[str, ...] | None = None
     zeroshot_limit: int | None = None
     zeroshot_batch_size: int = 32
     latency_repeats: int = 5
@@ -345,10 +356,14 @@ class EvaluateParams:
             if name not in PPL_DATASETS:
                 _fail(f"{prefix}.ppl_datasets", name, _allowed(PPL_DATASETS) + _did_you_mean(name, PPL_DATASETS))
         for name in self.zeroshot_tasks:
-            if name not in ZEROSHOT_TASKS:
-                _fail(
-                    f"{prefix}.zeroshot_tasks", name, _allowed(ZEROSHOT_TASKS) + _did_you_mean(name, ZEROSHOT_TASKS)
-                )
+            # only the spelling here: lm-eval's registry and the include path are read at plan time
+            if not name or any(c.isspace() for c in name):
+                _fail(f"{prefix}.zeroshot_tasks", name, ZEROSHOT_TASKS_ALLOWED)
+        for folder in self.zeroshot_include_path or ():
+            if not folder.strip():
+                _fail(f"{prefix}.zeroshot_include_path", folder, "null or a list of folders of lm-eval task YAML files")
+        if len(set(self.zeroshot_include_path or ())) != len(self.zeroshot_include_path or ()):
+            _fail(f"{prefix}.zeroshot_include_path", list(self.zeroshot_include_path or ()), "a list without duplicates")
         if not self.ppl_seq_lens:
             _fail(f"{prefix}.ppl_seq_lens", [], "a non-empty list of window lengths (the first is the headline)")
         for index, length in enumerate(self.ppl_seq_lens):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruneflow.progress import progress
+
 
 @dataclass
 class PerplexityResult:
@@ -52,7 +54,7 @@ def perplexity(
     batches = token_ids[: windows * seq_len].view(windows, seq_len)
     nll_sum = 0.0
     count = 0
-    for start in range(0, windows, batch_size):
+    for start in progress(range(0, windows, batch_size), desc=f"perplexity @{seq_len}", unit="batch"):
         batch = batches[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from pruneflow.config import RecoverParams
 from pruneflow.errors import ConfigError, DataError
+from pruneflow.progress import progress_stream
 from pruneflow.text_data import check_instruction_file, check_recovery_suffixes, read_rows
 
 ALPACA_TEMPLATE_WITH_INPUT = (
@@ -706,7 +706,7 @@ def train_recovery(
         trained_model.train()
         consumed = 0
         label = f"{'LoRA' if params.method == 'lora' else 'full'} {'distillation' if distill else 'recovery'}"
-        bar = tqdm(total=total_steps, desc=label, unit="step", file=sys.stderr, disable=not progress)
+        bar = tqdm(total=total_steps, desc=label, unit="step", file=progress_stream(), disable=not progress)
         try:
             for step in range(total_steps):
                 lr = learning_rate_at(step, total_steps, warmup, params.learning_rate)

@@ -13,12 +13,13 @@ from typing import Any
 
 import pandas as pd
 
-from pruneflow.config import GridParams, format_ratio
+from pruneflow.config import PAPER_ZEROSHOT_TASKS, GridParams, format_ratio
 
 VARIANT_ORDER = {"dense": 0, "pruned": 1, "servable": 2, "recovered": 3, "custom": 4}
 TASK_LABELS = {
     "boolq": "BoolQ",
     "piqa": "PIQA",
+    "hellaswag": "HellaSwag",
     "winogrande": "WinoGrande",
     "arc_easy": "ARC-e",
     "arc_challenge": "ARC-c",
@@ -153,14 +154,51 @@ def _headline_metrics(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     return headline
 
 
+def zeroshot_tasks_of(rec: dict[str, Any]) -> list[str]:
+    """The tasks behind a metrics record's zero-shot average (older records: the keys of its scores)."""
+    return list(rec.get("zeroshot_tasks") or rec.get("zeroshot", {}))
+
+
+def _report_tasks(frame: pd.DataFrame, records: Sequence[dict[str, Any]]) -> list[str]:
+    """Task columns: the built-in ones in LLM-Pruner's order, then any other task as the records list it."""
+    others = [t for rec in records for t in zeroshot_tasks_of(rec) if t not in TASK_LABELS]
+    return [t for t in [*TASK_LABELS, *dict.fromkeys(others)] if t in frame.columns]
+
+
+def paper_task_difference(tasks: Sequence[str]) -> str:
+    """How a task list differs from LLM-Pruner's seven zero-shot tasks, in words."""
+    missing = [t for t in PAPER_ZEROSHOT_TASKS if t not in tasks]
+    added = [t for t in tasks if t not in PAPER_ZEROSHOT_TASKS]
+    if not missing and not added:
+        return "LLM-Pruner's seven"
+    return "not LLM-Pruner's seven: " + ", ".join(
+        [f"{', '.join(missing)} missing"] * bool(missing) + [f"{', '.join(added)} added"] * bool(added))
+
+
+def zeroshot_average_note(records: Sequence[dict[str, Any]]) -> str | None:
+    """Which tasks the average column means, and whether they are the paper's seven (None: no zero-shot).
+
+    An average over other tasks is not comparable with LLM-Pruner's, so the report says so next to it."""
+    models_by_tasks: dict[tuple[str, ...], list[str]] = {}
+    for rec in records:
+        tasks = tuple(zeroshot_tasks_of(rec))
+        if tasks:
+            models_by_tasks.setdefault(tasks, []).append(str(rec.get("model_id")))
+    parts = []
+    for tasks, models in models_by_tasks.items():
+        which = "" if len(models_by_tasks) == 1 else f" (for {', '.join(models)})"
+        parts.append(f"average over {', '.join(tasks)}{which} — {paper_task_difference(tasks)}")
+    return "Zero-shot " + "; ".join(parts) + "." if parts else None
+
+
 def markdown_table(frame: pd.DataFrame, records: Sequence[dict[str, Any]]) -> str:
     """Quality in the shape of LLM-Pruner's Table 1: ratio, method, recovered, perplexities, each task, average."""
-    tasks = [t for t in TASK_LABELS if t in frame.columns]
+    tasks = _report_tasks(frame, records)
     ppls = [c for c in frame.columns if c.startswith("ppl_")]
     headline = _headline_metrics(records)
     header = ["ratio (req / got)", "method", "recovered", "params (M)"]
     header += [f"{_ppl_label(p)} ↓" for p in ppls]
-    header += [f"{TASK_LABELS[t]} ({headline.get(t, 'acc')})" for t in tasks]
+    header += [f"{TASK_LABELS.get(t, t)} ({headline.get(t, 'acc')})" for t in tasks]
     header += ["average"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---", "---"] + ["---:"] * (len(header) - 3)) + "|"]
     for _, row in frame.iterrows():
@@ -209,15 +247,14 @@ def setting_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         tasks = ", ".join(TASK_LABELS.get(t, t) for t in rec.get("zeroshot", {}))
         if tasks:
             headline = rec.get("zeroshot_headline_metric", {})
-            norm = [TASK_LABELS.get(t, t) for t, m in headline.items() if m == "acc_norm"]
-            plain = [TASK_LABELS.get(t, t) for t, m in headline.items() if m == "acc"]
+            by_metric: dict[str, list[str]] = {"acc_norm": [], "acc": []}
+            for task, metric in headline.items():
+                by_metric.setdefault(metric, []).append(TASK_LABELS.get(task, task))
             lines.append(
-                f"- zero-shot (lm-eval, local task files in data/raw/zeroshot): {tasks}; "
+                f"- zero-shot (lm-eval; built-in tasks read local files in data/raw/zeroshot): {tasks}; "
                 + ("full sets" if limit is None else f"the first {limit} documents of each task")
                 + "; accuracies in %. Columns show LLM-Pruner's convention: "
-                + (f"acc_norm for {', '.join(norm)}" if norm else "")
-                + ("; " if norm and plain else "")
-                + (f"acc for {', '.join(plain)}" if plain else "")
+                + "; ".join(f"{metric} for {', '.join(names)}" for metric, names in by_metric.items() if names)
                 + " (both acc and acc_norm are in every metrics.json and in MLflow); average = mean of the columns"
             )
         eff = rec.get("efficiency", {})

@@ -1,4 +1,4 @@
-"""Text corpora for perplexity and calibration, read through `datasets` from data/raw.
+"""Text corpora for perplexity and calibration, read from data/raw.
 
 The evaluation strings follow the recipes the papers' numbers depend on:
 - wikitext2: rows of WikiText-2 *raw* test, blank rows as "", joined by "\\n\\n" (GPTQ/Wanda/LLM-Pruner).
@@ -52,12 +52,12 @@ def check_text_file(path: str | Path, what: str) -> Path:
 
 
 def read_rows(path: str | Path, what: str) -> list[str]:
-    """Lines of a text file (newlines kept), loaded with the `datasets` text builder."""
-    from datasets import load_dataset
-
+    """Lines of a text file, newlines kept: exactly the rows of `datasets`' text builder with
+    `keep_linebreaks=True` (universal newlines, then a split on "\n" only; a test compares the two),
+    without needing `datasets` or writing its cache."""
     path = check_text_file(path, what)
-    dataset = load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
-    rows = list(dataset["text"])
+    with open(path, encoding="utf-8") as handle:
+        rows = handle.readlines()
     if not any(row.strip() for row in rows):
         raise DataError(f"{what} file {str(path)!r} holds only blank lines")
     return rows

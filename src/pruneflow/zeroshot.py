@@ -1,12 +1,13 @@
 """Zero-shot accuracy of an in-memory causal LM on the LLM-Pruner commonsense suite, through lm-eval.
 
 The scoring is lm-eval's own (`HFLM` log-likelihoods, its `multiple_choice` / `loglikelihood` task
-logic and metrics), so numbers are comparable with papers that used the harness; only the data comes
-from local MosaicML llm-foundry ICL files (`<data_dir>/zeroshot/*.jsonl`), since nothing here may
-touch the Hub. Task configs are generated per call into a temporary directory (absolute data paths,
-names prefixed `pruneflow_` so they never shadow lm-eval's built-in tasks) and the temporary
-directory is removed afterwards. The model is passed in memory (pruned models may have per-layer
-widths that no `from_pretrained` can rebuild), 0-shot, fixed seeds, no result cache.
+logic and metrics), so numbers are comparable with papers that used the harness; only the data of
+the built-in tasks comes from local MosaicML llm-foundry ICL files (`<data_dir>/zeroshot/*.jsonl`),
+so that they never touch the Hub. Their task configs are generated per call into a temporary
+directory (absolute data paths, names prefixed `pruneflow_` so they never shadow lm-eval's registry)
+and the temporary directory is removed afterwards. The model is passed in memory (pruned models may
+have per-layer widths that no `from_pretrained` can rebuild), 0-shot, fixed seeds, no result cache.
+lm-eval's own progress bars (documents per task, then requests) go to pruneflow's progress stream.
 
 Prompts (context | scored continuations), matching lm-eval's standard task YAMLs exactly where the
 llm-foundry data allows; the target delimiter is always " ":
@@ -25,14 +26,23 @@ llm-foundry data allows; the target delimiter is always " ":
   rest of the sentence) is scored under each; the prediction is the context that makes it likeliest.
 - lambada (lm-eval `lambada_openai`): `"{context}"` | `" {continuation}"` (the last word);
   acc = the continuation is the greedy decode, perplexity = exp(-mean log-likelihood).
+- hellaswag (lm-eval `hellaswag`): lm-eval's own task config, loaded from its installed YAML with its
+  `process_docs` / `preprocess`, over Rowan/hellaswag records in `<data_dir>/zeroshot/hellaswag.jsonl`
+  (not shipped: HellaSwag's data is not available offline, so the default suite uses lambada instead).
+
+Any other task name is run as lm-eval defines it: a task of the user's own YAMLs under
+`include_path` (`evaluate.zeroshot_include_path`) or of lm-eval's registry, whose data lm-eval loads
+from the Hub or the local Hugging Face datasets cache (then the caller's Hub settings apply, not
+forced offline). Such runs are still 0-shot whatever the task's YAML says.
 
 Metrics: acc is argmax of the summed log-likelihood; acc_norm divides by the choice's character
 length (lm-eval's definition). Both are recorded wherever lm-eval's task defines both (ARC, PIQA,
-OpenBookQA); BoolQ and WinoGrande define acc only (acc_norm would be meaningless for WinoGrande,
+OpenBookQA, HellaSwag); BoolQ and WinoGrande define acc only (acc_norm would be meaningless for WinoGrande,
 whose "choices" are contexts), lambada acc and perplexity. Tasks without acc_norm report None.
 
 Headline metric (`HEADLINE_METRIC`, used by `zeroshot_average`): the LLM-Pruner table convention,
-acc for BoolQ, PIQA, WinoGrande and lambada, acc_norm for ARC-e, ARC-c and OBQA. (Reproductions in
+acc for BoolQ, PIQA, WinoGrande and lambada, acc_norm for HellaSwag, ARC-e, ARC-c and OBQA (other
+tasks: the first metric lm-eval marks higher-is-better). (Reproductions in
 LLM-Pruner issue #25 suggest its ARC-e column may actually be acc; both are recorded, and
 `zeroshot_average(metric_by_task=...)` recomputes the mean under any other convention.)
 
@@ -61,15 +71,18 @@ import numpy as np
 import torch
 import yaml
 
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, DataError
 from pruneflow.zeroshot_tasks import (  # noqa: F401  (task_file, check_task_files: part of this API)
     _SCHEMAS,
     _SPECS,
+    BUILTIN,
     HEADLINE_METRIC,
     _check_tasks,
     _read_records,
     check_task_files,
+    include_folders,
     task_file,
+    task_sources,
 )
 
 TASK_PREFIX = "pruneflow_"
@@ -99,18 +112,25 @@ def evaluate_zeroshot(
     limit: int | None,
     batch_size: int,
     device: torch.device,
+    include_path: str | Path | Sequence[str | Path] | None = None,
 ) -> dict[str, dict[str, float | int | str | None]]:
     """Score `model` 0-shot on `tasks` with lm-eval; one flat metrics dict per task, in `tasks` order.
 
-    Keys: acc, acc_stderr, acc_norm, acc_norm_stderr (None where the task has no acc_norm, or a
-    stderr is undefined because n == 1), n (documents scored), headline_metric; lambada adds
-    perplexity and perplexity_stderr. `limit` = N scores the first N documents of each file (None:
-    all of them). Inputs and every data file are validated before any model work. The model is
-    moved to `device` for the call; its device, its modules' train/eval modes, the tokenizer, the
-    process environment and the global RNG states are as before when this returns.
+    Built-in tasks' keys: acc, acc_stderr, acc_norm, acc_norm_stderr (None where the task has no
+    acc_norm, or a stderr is undefined because n == 1), n (documents scored), headline_metric; lambada
+    adds perplexity and perplexity_stderr. Tasks of lm-eval's registry or of `include_path` (folders of
+    lm-eval task YAMLs) record every metric lm-eval reports (`<metric>` for its "none" filter, else
+    `<metric>,<filter>`, each with `<key>_stderr`), n, and as headline_metric the first metric lm-eval
+    marks higher-is-better. `limit` = N scores the first N documents of each task (None: all of them).
+    Inputs and every built-in data file are validated before any model work. The model is moved to
+    `device` for the call; its device, its modules' train/eval modes, the tokenizer, the process
+    environment and the global RNG states are as before when this returns.
     """
-    raw = _run(model, tokenizer, tasks, data_dir, limit, batch_size, device, log_samples=False)
-    return {name: _summarize(name, raw) for name in _check_tasks(tasks)}
+    raw = _run(model, tokenizer, tasks, data_dir, limit, batch_size, device, log_samples=False,
+               include_path=include_path)
+    sources = raw["pruneflow_sources"]
+    return {name: _summarize(name, raw) if source == BUILTIN else _summarize_external(name, raw)
+            for name, source in sources.items()}
 
 
 def zeroshot_average(
@@ -165,6 +185,8 @@ def _check_positive(key: str, value: Any, allow_none: bool = False) -> None:
 def _task_config(name: str, data_file: Path, cache_dir: Path) -> dict[str, Any]:
     """The lm-eval YAML config of one task, reading `data_file` (absolute) with no shared cache."""
     spec = _SPECS[name]
+    if spec.lm_eval_yaml is not None:
+        return _lm_eval_task_config(name, data_file, cache_dir)
     return {
         "task": TASK_PREFIX + name,
         "dataset_path": "json",
@@ -180,9 +202,46 @@ def _task_config(name: str, data_file: Path, cache_dir: Path) -> dict[str, Any]:
     }
 
 
+def _lm_eval_task_config(name: str, data_file: Path, cache_dir: Path) -> dict[str, Any]:
+    """lm-eval's own task config (its process_docs, templates and metrics, functions resolved) over
+    `data_file`: the config is a dict with callables, so it is handed to lm-eval as is, not as YAML."""
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    spec = _SPECS[name]
+    config = load_yaml(Path(lm_eval.tasks.__file__).parent / str(spec.lm_eval_yaml), resolve_func=True)
+    for key in ("tag", "group", "training_split", "validation_split", "fewshot_split", "dataset_name"):
+        config.pop(key, None)
+    return {
+        **config,
+        "task": TASK_PREFIX + name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}, "cache_dir": str(cache_dir)},
+        "test_split": "test",
+        "target_delimiter": " ",
+        "num_fewshot": 0,
+    }
+
+
 @contextlib.contextmanager
-def _isolated_call(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """Offline, quiet, seeded and on `device` inside; env, loggers, RNGs and model state restored after.
+def _progress_to_console() -> Iterator[None]:
+    """lm-eval's tqdm bars (documents per task, then requests) on pruneflow's progress stream: stderr,
+    or the console under Snakemake; none with PRUNEFLOW_PROGRESS=0. tqdm picks sys.stderr when a bar
+    starts, so only the bars move: loggers keep their own streams."""
+    from pruneflow.progress import PROGRESS_ENV, progress_stream
+
+    if os.environ.get(PROGRESS_ENV) == "0":
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            yield
+    else:
+        with contextlib.redirect_stderr(progress_stream()):
+            yield
+
+
+@contextlib.contextmanager
+def _isolated_call(model: torch.nn.Module, device: torch.device, offline: bool = True) -> Iterator[None]:
+    """Offline (unless `offline` is False: the caller's Hub settings apply), quiet, seeded and on
+    `device` inside; env, loggers, RNGs and model state restored after.
 
     stdout is sent to stderr inside, so lm-eval's bare prints cannot mix into a caller's output.
     """
@@ -192,12 +251,12 @@ def _isolated_call(model: torch.nn.Module, device: torch.device) -> Iterator[Non
     # the module, not the `tqdm` class that `datasets.utils` re-exports under the same name
     datasets_tqdm = importlib.import_module("datasets.utils.tqdm")
 
-    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DISABLE_MULTIPROC": "1"}
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if offline else {}
+    env["DISABLE_MULTIPROC"] = "1"
     saved_env = {k: os.environ.get(k) for k in env}
     offline_flags = [
-        (datasets.config, "HF_HUB_OFFLINE"),
-        (datasets.config, "HF_DATASETS_OFFLINE"),
-        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+        *[(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+          (huggingface_hub.constants, "HF_HUB_OFFLINE")][: 3 if offline else 0],
         (datasets_tqdm, "_hf_datasets_progress_bars_disabled"),  # "Generating test split" bars
     ]
     saved_flags = [getattr(mod, attr) for mod, attr in offline_flags]
@@ -265,13 +324,18 @@ def _run(
     batch_size: int,
     device: torch.device,
     log_samples: bool = False,
+    include_path: str | Path | Sequence[str | Path] | None = None,
 ) -> dict[str, Any]:
-    """Validate everything, then run lm-eval; returns its raw result dict (with samples if asked)."""
-    names = _check_tasks(tasks)
+    """Validate everything, then run lm-eval; returns its raw result dict (with samples if asked)
+    plus `pruneflow_sources`, each task's `task_sources` entry."""
+    sources = task_sources(tasks, include_path)
+    folders = include_folders(include_path)
     _check_positive("limit", limit, allow_none=True)
     _check_positive("batch_size", batch_size)
     device = torch.device(device)
     data_root = Path(data_dir).expanduser().resolve() / "zeroshot"
+    names = [name for name, source in sources.items() if source == BUILTIN]
+    external = [name for name, source in sources.items() if source != BUILTIN]
     records = {name: _read_records(data_root / _SPECS[name].file, _SPECS[name].schema) for name in names}
 
     from lm_eval.evaluator import evaluate
@@ -282,6 +346,7 @@ def _run(
         tmp_dir = Path(tmp)
         for sub in ("tasks", "data", "cache"):
             (tmp_dir / sub).mkdir()
+        specs: list[str | dict[str, Any]] = []
         for name in names:
             # a normalised copy: only the schema's keys (uniform Arrow types), only the docs scored
             data_file = tmp_dir / "data" / f"{name}.jsonl"
@@ -290,26 +355,37 @@ def _run(
                 "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
             )
             config = _task_config(name, data_file, tmp_dir / "cache")
+            if _SPECS[name].lm_eval_yaml is not None:  # holds lm-eval's functions: passed as a dict
+                specs.append(config)
+                continue
             (tmp_dir / "tasks" / f"{name}.yaml").write_text(
                 yaml.safe_dump(config, sort_keys=False), encoding="utf-8"
             )
+            specs.append(TASK_PREFIX + name)
 
-        with _isolated_call(model, device):
-            task_manager = TaskManager(include_path=str(tmp_dir / "tasks"), include_defaults=False)
-            loaded = task_manager.load([TASK_PREFIX + name for name in names])
+        # other tasks need lm-eval's registry (and the user's folders, which override it); the
+        # generated configs go last so that nothing overrides them
+        include = [*(str(f) for f in folders), str(tmp_dir / "tasks")] if external else str(tmp_dir / "tasks")
+        with _isolated_call(model, device, offline=not external):
+            task_manager = TaskManager(include_path=include, include_defaults=bool(external))
+            loaded = task_manager.load([*specs, *external])
             for task in loaded["tasks"].values():
+                if task.get_config("num_fewshot") != 0:  # zero-shot, whatever a task's YAML says
+                    task.set_config(key="num_fewshot", value=0)
                 task.set_fewshot_seed(seed=_FEWSHOT_SEED)
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-            results = evaluate(
-                lm=lm,
-                task_dict=loaded,
-                limit=limit,
-                bootstrap_iters=_BOOTSTRAP_ITERS,
-                log_samples=log_samples,
-            )
+            with _progress_to_console():
+                results = evaluate(
+                    lm=lm,
+                    task_dict=loaded,
+                    limit=limit,
+                    bootstrap_iters=_BOOTSTRAP_ITERS,
+                    log_samples=log_samples,
+                )
             del lm, loaded, task_manager  # drop the memory-mapped datasets before their files go
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
+    results["pruneflow_sources"] = sources
     return results
 
 
@@ -336,3 +412,37 @@ def _summarize(name: str, raw: Mapping[str, Any]) -> dict[str, float | int | str
     out["n"] = int(raw["n-samples"][key]["effective"])
     out["headline_metric"] = HEADLINE_METRIC[name]
     return out
+
+
+def _summarize_external(name: str, raw: Mapping[str, Any]) -> dict[str, float | int | str | None]:
+    """The flat record of a registry or include-path task (or group): every metric lm-eval reports."""
+    metrics = raw["results"][name]
+    out: dict[str, float | int | str | None] = {}
+    for key, found in metrics.items():
+        metric, _, filter_name = key.partition(",")
+        if not filter_name or metric.endswith("_stderr"):
+            continue
+        flat = metric if filter_name == "none" else key
+        out[flat] = None if found is None or isinstance(found, str) else float(found)
+        error = metrics.get(f"{metric}_stderr,{filter_name}")
+        out[f"{flat}_stderr"] = None if error is None or isinstance(error, str) else float(error)
+    out["n"] = _documents(name, raw)
+    better = raw.get("higher_is_better", {}).get(name, {})
+    ranked = [m for m, up in better.items() if up] + [m for m, up in better.items() if not up]
+    candidates = [k for k in out if k != "n" and not k.endswith("_stderr") and out[k] is not None]
+    headline = next((k for m in ranked for k in candidates if k.partition(",")[0] == m), None)
+    if headline is None and candidates:
+        headline = candidates[0]
+    if headline is None:
+        raise DataError(f"zero-shot task {name!r}: lm-eval reported no metric for it; allowed: a task "
+                        "or group whose lm-eval config lists metrics (metric_list / aggregate_metric_list)")
+    out["headline_metric"] = headline
+    return out
+
+
+def _documents(name: str, raw: Mapping[str, Any]) -> int:
+    """Documents scored by a task, or by all the tasks under a group."""
+    if name in raw.get("n-samples", {}):
+        return int(raw["n-samples"][name]["effective"])
+    return sum(_documents(child, raw) for child in raw.get("group_subtasks", {}).get(name, []))
+

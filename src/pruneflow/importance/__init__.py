@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+import torch
+from torch import nn
 
 from pruneflow.criteria import CRITERIA as CRITERION_INFO
 from pruneflow.errors import ConfigError
@@ -54,3 +58,17 @@ def get_criterion(name: str, settings: Any | None = None) -> Importance:
 
 
 __all__ = ["CRITERIA", "GroupScores", "Importance", "ScoringInputs", "get_criterion"]
+
+
+def score_groups(model: nn.Module, criterion: str, calibration_ids: torch.Tensor,
+                 activations: Mapping[str, torch.Tensor] | None, params, device: torch.device,
+                 dtype: torch.dtype) -> GroupScores:
+    """Per-group importance of one criterion with the `score` settings and seed of `params` (a `Params`)."""
+    from pruneflow.runtime import seed_everything
+
+    scorer = get_criterion(criterion, params.score)
+    seed_everything(params.seed)
+    return scorer.score(model, ScoringInputs(
+        calibration_ids=calibration_ids, activations=activations if scorer.needs_activations else None,
+        micro_batch_size=params.score.micro_batch_size, forward_batch_size=params.activations.batch_size,
+        seed=params.seed, device=device, dtype=dtype))

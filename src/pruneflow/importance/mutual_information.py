@@ -40,6 +40,7 @@ from pruneflow.architectures import decoder_layers, head_dim, layer_shape
 from pruneflow.criteria import BANDWIDTH_RULES, check_mutual_information_settings
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.importance.base import GroupScores, ScoringInputs
+from pruneflow.progress import progress
 
 # working memory of one block of squared kernels / joint matrices (bounds the peak, CPU or GPU)
 DEFAULT_MEMORY_BYTES = 512 * 2**20
@@ -387,7 +388,8 @@ class MutualInformation:
         size = head_dim(model)
         generator = torch.Generator().manual_seed(inputs.seed if self.seed is None else self.seed)
         attention, ffn, heads = [], [], []
-        for index, layer in enumerate(decoder_layers(model)):
+        layers = decoder_layers(model)
+        for index, layer in progress(enumerate(layers), desc="mutual information", total=len(layers), unit="layer"):
             shape = layer_shape(layer, size)
             ffn_sample, ffn_energy = _cached(activations, index, "down_proj_in", shape.intermediate_size)
             att_sample, att_energy = _cached(activations, index, "o_proj_in", shape.num_attention_heads * size)

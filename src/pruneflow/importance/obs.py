@@ -23,6 +23,7 @@ from torch import nn
 from pruneflow.architectures import decoder_layers, head_dim, layer_shape
 from pruneflow.gram import gram_matrices
 from pruneflow.importance.base import COMMON_SCALE_KEY, GroupScores, ScoringInputs
+from pruneflow.progress import progress
 from pruneflow.reconstruction import obs_removal_order, scores_from_order
 
 GRAM_BUDGET_BYTES = 2 * 1024**3  # Gram matrices held at once while scoring
@@ -61,6 +62,7 @@ class StructuredObs:
         attention: list[torch.Tensor | None] = [None] * count
         heads: list[torch.Tensor | None] = [None] * count
         ffn: list[torch.Tensor | None] = [None] * count
+        bar = progress(total=count, desc="obs scores", unit="layer")
         for chunk in self._layer_chunks(blocks):
             targets = [(i, p) for i in chunk for p in ("o_proj", "down_proj")]
             grams = gram_matrices(model, targets, activations=inputs.activations,
@@ -84,5 +86,7 @@ class StructuredObs:
                 ffn[i] = scores_from_order(
                     obs_removal_order(layer.mlp.down_proj.weight, down_gram, channel_units, self.damping),
                     len(channel_units))
+                bar.update()
+        bar.close()
         # every score is a squared output error of the layer's residual-stream write: one scale
         return GroupScores(attention=attention, ffn=ffn, attention_heads=heads, metadata={COMMON_SCALE_KEY: "true"})

@@ -19,6 +19,7 @@ from torch import nn
 
 from pruneflow.importance.base import GroupScores, ScoringInputs
 from pruneflow.importance.elementwise import Aggregated, projection_parameters, score_elementwise
+from pruneflow.progress import progress
 
 
 def _check_ids(ids: torch.Tensor) -> None:
@@ -43,7 +44,7 @@ def accumulate_gradients(model: nn.Module, inputs: ScoringInputs) -> None:
     _prepare(model)
     total = ids.shape[0]
     with torch.enable_grad():
-        for chunk in ids.split(inputs.micro_batch_size):
+        for chunk in progress(ids.split(inputs.micro_batch_size), desc="gradients", unit="batch"):
             chunk = chunk.to(inputs.device)
             loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
             (loss.float() * (chunk.shape[0] / total)).backward()
@@ -58,7 +59,7 @@ def accumulate_gradients_and_fisher(model: nn.Module, inputs: ScoringInputs) -> 
     fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in trainable}
     gradient = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in trainable}
     with torch.enable_grad():
-        for sample in ids.split(1):
+        for sample in progress(ids.split(1), desc="gradients and Fisher", unit="sample"):
             sample = sample.to(inputs.device)
             loss = model(input_ids=sample, labels=sample, use_cache=False).loss.float()
             grads = torch.autograd.grad(loss, trainable)

@@ -9,6 +9,8 @@ process ends for any reason (success, failure, SIGKILL, a lost node), and no sta
 Devices come from PRUNEFLOW_GPUS (comma list; any names, which is how tests use fake devices), else
 from CUDA_VISIBLE_DEVICES as the user set it, else from `torch.cuda.device_count()`. With no device
 the command runs unchanged (CPU). Under a cluster scheduler (SLURM, Kubernetes, or
+log = logging.getLogger(__name__)
+
 PRUNEFLOW_GPU_SLOTS=off) the allocator steps aside: the scheduler already assigned the job's GPUs.
 """
 
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import logging
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 DEFAULT_LOCK_DIR = ".snakemake/gpu-slots"
 SCHEDULER_VARIABLES = ("SLURM_JOB_ID", "KUBERNETES_SERVICE_HOST")
 POLL_SECONDS = 0.2
@@ -95,7 +99,7 @@ def run_in_slot(command: Sequence[str], *, lock_dir: str | os.PathLike[str] = DE
             device, _fd = acquire_slot(devices, lock_dir)
             environment["CUDA_VISIBLE_DEVICES"] = device
             environment["PRUNEFLOW_GPU_SLOT"] = device
-            print(f"[gpu-slot] {command[0]} ... on device {device}", file=sys.stderr, flush=True)
+            log.warning("[gpu-slot] %s ... on device %s", command[0], device)
     os.execvpe(command[0], list(command), environment)
 
 

@@ -97,18 +97,22 @@ def _recovery_data(params: Params, root: Path) -> list[str]:
     return sorted({project_path(path, root) for path in params.recover.data})
 
 
-def evaluation_files(params: Params, data_dir: str = DATA_DIR) -> list[str]:
-    """The perplexity texts and zero-shot files the configured `evaluate` reads, under `data_dir`."""
+def evaluation_files(params: Params, data_dir: str = DATA_DIR, root: str | Path = ".") -> list[str]:
+    """The perplexity texts and built-in zero-shot files the configured `evaluate` reads, under `data_dir`,
+    and the folders of `evaluate.zeroshot_include_path` (their task YAMLs and data change the scores)."""
+    from pruneflow.config import BUILTIN_ZEROSHOT_TASKS
     from pruneflow.text_data import PPL_SOURCES
     from pruneflow.zeroshot_tasks import task_file
 
     files = {f"{data_dir}/{PPL_SOURCES[name][0]}" for name in params.evaluate.ppl_datasets}
-    files |= {Path(task_file(task, data_dir)).as_posix() for task in params.evaluate.zeroshot_tasks}
+    files |= {Path(task_file(task, data_dir)).as_posix() for task in params.evaluate.zeroshot_tasks
+              if task in BUILTIN_ZEROSHOT_TASKS}
+    files |= {project_path(folder, Path(root)) for folder in params.evaluate.zeroshot_include_path or ()}
     return sorted(files)
 
 
 def _evaluation_data(params: Params, root: Path) -> list[str]:
-    return evaluation_files(params)
+    return evaluation_files(params, root=root)
 
 
 MODEL_DIR = "data/models/dense"

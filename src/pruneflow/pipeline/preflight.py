@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pruneflow.config import BIAS_RECONSTRUCTIONS, ZEROSHOT_TASKS, Params
+from pruneflow.config import BIAS_RECONSTRUCTIONS, BUILTIN_ZEROSHOT_TASKS, Params
 from pruneflow.errors import ConfigError
 from pruneflow.pipeline.graph import DATA_DIR, STATE_DIR, project_path
 from pruneflow.pipeline.hashing import HashCache
@@ -72,7 +72,8 @@ def evaluation_file_paths(root: str | Path) -> list[Path]:
     from pruneflow.zeroshot_tasks import task_file
 
     data = Path(root) / DATA_DIR
-    return [data / relative for relative, _ in PPL_SOURCES.values()] + [task_file(t, data) for t in ZEROSHOT_TASKS]
+    return [data / relative for relative, _ in PPL_SOURCES.values()] + [task_file(t, data)
+                                                                        for t in BUILTIN_ZEROSHOT_TASKS]
 
 
 def check_calibration_source(params: Params, root: str | Path, cache: HashCache | None = None) -> None:
@@ -100,14 +101,16 @@ def check_calibration_source(params: Params, root: str | Path, cache: HashCache 
 
 
 def check_evaluation_data(params: Params, root: str | Path) -> None:
-    """The configured perplexity texts and zero-shot files exist and parse."""
+    """The configured perplexity texts and zero-shot files exist and parse; every zero-shot task name is
+    built-in, under `evaluate.zeroshot_include_path` (an existing folder) or in lm-eval's registry."""
     from pruneflow.text_data import PPL_SOURCES, check_text_file
     from pruneflow.zeroshot_tasks import check_task_files
 
     data = Path(root) / DATA_DIR
     for name in params.evaluate.ppl_datasets:
         check_text_file(data / PPL_SOURCES[name][0], f"perplexity dataset {name!r} (evaluate.ppl_datasets)")
-    check_task_files(params.evaluate.zeroshot_tasks, data)
+    check_task_files(params.evaluate.zeroshot_tasks, data, include_path=params.evaluate.zeroshot_include_path,
+                     root=root)
 
 
 def check_recovery_data(params: Params, root: str | Path) -> None:

@@ -19,6 +19,7 @@ one run at a time, and earlier results that survive a failed or killed job.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -40,8 +41,12 @@ from pruneflow.pipeline.graph import (
     stage_code,
     stage_data,
 )
+from pruneflow.progress import PROGRESS_FD_ENV
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = "snakemake.lock"
+CONSOLE_FD = 3  # a job's descriptor for the console while its stdout and stderr go to its log
 _held_locks: list[int] = []  # file descriptors kept open for the life of the process
 
 
@@ -170,7 +175,8 @@ class SnakemakePipeline:
         inputs = {role: "{input." + role + "}" for role in stage.inputs}
         outputs = {role: "{output." + role + "}" for role in stage.outputs}
         values = {key: "{wildcards." + key + "}" for key in stage.placeholders}
-        line = command(stage, inputs, outputs, values, self.params_file) + " > {log} 2>&1"
+        # the log gets stdout and stderr; descriptor 3 keeps the console for the progress bars
+        line = command(stage, inputs, outputs, values, self.params_file) + f" {CONSOLE_FD}>&2 > {{log}} 2>&1"
         return (GPU_SLOT_PREFIX + line) if stage.gpu else line
 
     def log(self, name: str, suffix: str = ".log", folder: str = "logs") -> str:
@@ -192,9 +198,8 @@ def _report_stale(found) -> None:
     stale = [v for v in found if v.status == "stale"]
     if not stale:
         return
-    print(f"pruneflow: {len(stale)} existing output(s) are out of date and will be rebuilt:", file=sys.stderr)
-    for verdict in stale:
-        print(f"  {verdict.output}: {'; '.join(verdict.reasons)}", file=sys.stderr)
+    lines = [f"  {verdict.output}: {'; '.join(verdict.reasons)}" for verdict in stale]
+    log.warning("\n".join([f"pruneflow: {len(stale)} existing output(s) are out of date and will be rebuilt:", *lines]))
 
 
 def _ensure_stamps(params: Params, root: Path) -> None:
@@ -222,6 +227,7 @@ def start(workflow: Any, params_file: str = PARAMS_FILE) -> SnakemakePipeline:
     from pruneflow.pipeline.records import update_stamps, verdicts
 
     root = Path.cwd()
+    os.environ[PROGRESS_FD_ENV] = str(CONSOLE_FD)  # jobs inherit it: their bars go to the console (pruneflow.progress)
     overrides = workflow.config_settings.overwrite_config
     configfiles = [str(f) for f in (workflow.config_settings.configfiles or [])]
     if overrides or configfiles:
@@ -244,7 +250,7 @@ def start(workflow: Any, params_file: str = PARAMS_FILE) -> SnakemakePipeline:
     pipeline = SnakemakePipeline(params, root, params_file)
     if main_process:
         if refresh_dvc_yaml(params, root):
-            print("pruneflow: dvc.yaml regenerated from params.yaml and the source", file=sys.stderr)
+            log.warning("pruneflow: dvc.yaml regenerated from params.yaml and the source")
         found = verdicts(params, root)
         update_stamps(root, found)
         _report_stale(found)

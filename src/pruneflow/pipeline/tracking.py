@@ -19,6 +19,7 @@ import dataclasses
 import datetime as _dt
 import getpass
 import hashlib
+import logging
 import math
 import numbers
 import os
@@ -53,6 +54,8 @@ __all__ = [
     "resolve_tracking_uri",
     "stage_run",
 ]
+
+log = logging.getLogger(__name__)
 
 INVOCATION_ENV = "PRUNEFLOW_INVOCATION_ID"
 ENGINES = ("snakemake", "dvc")
@@ -448,8 +451,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _warn(message: str) -> None:
+    """Tracking problems never stop a stage: they are logged (WARNING reaches stderr without any setup)."""
     with contextlib.suppress(Exception):
-        print(message, file=sys.stderr, flush=True)
+        log.warning(message)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pruneflow.pipeline.hashing import dvc_hash  # noqa: F401  (re-exported: `versioning.dvc_hash`)
+from pruneflow.progress import configure_logging
+
+log = logging.getLogger(__name__)
 
 DISABLE_ENV = "PRUNEFLOW_DVC_COMMIT"
 # pipeline order becomes file-time order in steps of this many nanoseconds
@@ -130,19 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore = commands.add_parser("checkout", help="dvc checkout, then file times in pipeline order")
     restore.add_argument("targets", nargs="*", help="DVC stages or outputs (default: all)")
     args = parser.parse_args(argv)
+    configure_logging("pruneflow")
     root = Path.cwd()
     if not is_dvc_project(root):
-        print(f"pruneflow: {root} is not a DVC project (no .dvc/ or dvc.yaml); nothing to do", file=sys.stderr)
+        log.error("%s is not a DVC project (no .dvc/ or dvc.yaml); nothing to do", root)
         return 2
     if args.command == "commit":
         text = sys.stdin.read() if args.outputs_file == "-" else Path(args.outputs_file).read_text()
         outputs = [line.strip() for line in text.splitlines() if line.strip()]
         committed = commit_built_stages(root, outputs)
-        print(f"pruneflow: recorded {len(committed)} DVC stage(s) in dvc.lock: {', '.join(committed) or 'none'}",
-              file=sys.stderr)
+        log.info("recorded %d DVC stage(s) in dvc.lock: %s", len(committed), ", ".join(committed) or "none")
     else:
         touched = checkout(root, args.targets)
-        print(f"pruneflow: checked out; {len(touched)} output(s) dated in pipeline order", file=sys.stderr)
+        log.info("checked out; %d output(s) dated in pipeline order", len(touched))
     return 0
 
 

@@ -20,13 +20,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
 
-    from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
+    from pruneflow.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(params.runtime.device)
     dtype = resolve_dtype(params.runtime.dtype, device)
     require_file(args.model, "model folder")
 
-    from pruneflow.activations import collect_activation_stats
+    from pruneflow.activations import activation_statistics
     from pruneflow.checkpoint import load_pruned
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
@@ -34,15 +34,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.tensor_files import save_tensors
 
     ids = load_calibration(args.calibration)
-    seed_everything(params.seed)
     tracked = stage_params(params, "seed", "runtime", "activations")
     with stage_run(STAGE, settings=params.mlflow, params=tracked,
                    inputs={"model": args.model, "calibration": args.calibration}) as run:
         model = load_pruned(args.model, dtype=dtype, device=device)
-        stats = collect_activation_stats(
-            model, ids, batch_size=params.activations.batch_size, max_tokens=params.activations.max_tokens,
-            seed=params.seed, device=device, gram_matrices=params.activations.gram_matrices,
-        )
+        stats = activation_statistics(model, ids, params, device)
         record = recorder(STAGE, inputs={"model": args.model, "calibration": args.calibration}).record(params)
         save_tensors(args.out, stats, {"command": command_line(), "device": str(device),
                                        RECORD_KEY: json.dumps(record, sort_keys=True)})

@@ -29,16 +29,16 @@ def command_line() -> str:
 
 def run_cli(stage: str, main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
     """Run a stage; a PruneflowError is printed as one clear line and exits with status 2."""
-    logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock", "alembic", "mlflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pruneflow.progress import configure_logging
+
+    configure_logging(stage)
     started = time.perf_counter()
     try:
         if os.environ.get("DVC_STAGE"):
             check_before_dvc_runs(argv)
         main(argv)
     except PruneflowError as exc:
-        print(f"pruneflow {stage}: error: {exc}", file=sys.stderr)
+        print(f"pruneflow {stage}: error: {exc}", file=sys.stderr)  # the one line a failed job's log ends with
         raise SystemExit(2) from None
     logging.getLogger(__name__).info("done in %.1f s", time.perf_counter() - started)
 

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_text_file(args.data_dir / PPL_SOURCES[name][0], f"perplexity dataset {name!r}")
     from pruneflow.zeroshot import check_task_files
 
-    check_task_files(cfg.zeroshot_tasks, args.data_dir)
+    check_task_files(cfg.zeroshot_tasks, args.data_dir, include_path=cfg.zeroshot_include_path)
     check_seq_lens(args.model, cfg.ppl_seq_lens)
     offline_by_default()
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step
     from pruneflow.text_data import evaluation_text
-    from pruneflow.zeroshot import HEADLINE_METRIC, evaluate_zeroshot, zeroshot_average
+    from pruneflow.zeroshot import evaluate_zeroshot, zeroshot_average
 
     seed_everything(params.seed)
     identity = describe_model_id(args.model_id)
@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         zeroshot = {}
         if cfg.zeroshot_tasks:
             zeroshot = evaluate_zeroshot(model, tokenizer, cfg.zeroshot_tasks, args.data_dir,
-                                         limit=cfg.zeroshot_limit, batch_size=cfg.zeroshot_batch_size, device=device)
+                                         limit=cfg.zeroshot_limit, batch_size=cfg.zeroshot_batch_size, device=device,
+                                         include_path=cfg.zeroshot_include_path)
         timing["zeroshot_s"], mark = time.perf_counter() - mark, time.perf_counter()
         efficiency = measure_efficiency(model, device=device, repeats=cfg.latency_repeats,
                                         seq_len=cfg.ppl_seq_lens[0], throughput_batch_size=cfg.throughput_batch_size,
@@ -141,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "perplexity_by_seq_len": ppl_by_seq_len,
             "zeroshot": zeroshot,
             "zeroshot_average": zeroshot_average(zeroshot) if zeroshot else None,
-            "zeroshot_headline_metric": {task: HEADLINE_METRIC[task] for task in zeroshot},
+            "zeroshot_tasks": list(zeroshot),  # the tasks behind zeroshot_average (the report names them)
+            "zeroshot_headline_metric": {task: scores["headline_metric"] for task, scores in zeroshot.items()},
             "efficiency": efficiency,
             "summaries": _model_summaries(args.model),
             "setting": {"scale": params.scale, "evaluate": stage_params(params, "evaluate"),

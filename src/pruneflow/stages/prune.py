@@ -5,7 +5,6 @@ measured, not requested."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,13 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     adds_bias = settings.reconstruction in BIAS_RECONSTRUCTIONS
     require_file(args.model, "model folder")
     from pruneflow.checkpoint import checkpoint_dtype, load_pruned, read_config_dict, save_pruned
+    from pruneflow.surgery import layers_to_prune, prune_scored
 
     model_config = read_config_dict(args.model)
     num_layers = int(model_config["num_hidden_layers"])
     # before anything is loaded; servable: every layer alike (a dense first or last layer would differ)
-    layers = range(num_layers) if args.servable else params.prune.layer_range(num_layers)
-    allocation = "uniform" if args.servable else settings.allocation
-    width_multiple = settings.servable_multiple if args.servable else None
+    layers_to_prune(num_layers, params, args.servable)
     scores = GroupScores.load(args.scores)
     if scores.metadata.get("criterion") != args.criterion:
         raise DataError(
@@ -61,16 +59,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"not --criterion={args.criterion!r}"
         )
 
-    from pruneflow.architectures import count_parameters, layer_shapes
-    from pruneflow.layout_search import calibration_loss, choose_layout, layouts_to_try
+    from pruneflow.layout_search import layouts_to_try
     from pruneflow.model_card import write_model_card
     from pruneflow.modeling import load_tokenizer
     from pruneflow.pipeline.atomic import atomic_dir
     from pruneflow.pipeline.records import recorder, write_record_file
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.provenance import read_chain, step, write_chain
-    from pruneflow.pruning import plan_pruning
-    from pruneflow.reconstruction import prune_and_reconstruct
 
     activations = calibration_ids = None
     if adds_bias:
@@ -107,64 +102,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                    tags={"pruneflow.criterion": args.criterion, "pruneflow.ratio": str(ratio)},
                    run_name=f"prune {args.criterion} {ratio}",
                    inputs={"model": args.model, "scores": args.scores}) as run:
-        shapes_before = layer_shapes(model)
-
-        def prune_with(target, layout):
-            plan = plan_pruning(target, scores, ratio, list(layers), layout.structures, allocation=allocation,
-                                attention_unit=layout.attention_unit, width_multiple=width_multiple)
-            return plan, prune_and_reconstruct(
-                target, plan, method=settings.reconstruction, mode=settings.reconstruction_mode,
-                damping=settings.damping, calibration_ids=calibration_ids,
-                batch_size=params.activations.batch_size, device=device, activations=activations)
-
-        started = time.perf_counter()
-        layout, trials = choose_layout(
-            model, candidates, prune_with,
-            lambda trial: calibration_loss(trial, calibration_ids, settings.search_samples,
-                                           params.activations.batch_size, device))
-        plan, result = prune_with(model, layout)
-        seconds = time.perf_counter() - started
-        removed, bias_params = result.params_removed, result.params_added
-        params_after = count_parameters(model)
-        summary = {
-            "criterion": args.criterion,
-            "requested_ratio": ratio,
-            "achieved_ratio": (plan.params_before - params_after) / plan.params_before,
-            "params_before": plan.params_before,
-            "params_after": params_after,
-            "params_removed": removed,
-            "params_added_by_bias_compensation": bias_params,
-            "pruned_layers": list(layers),
-            "structures": list(plan.structures),
-            "allocation": plan.allocation,
-            "servable": args.servable,
-            "width_multiple": plan.width_multiple,
-            "attention_unit": plan.attention_unit,
-            # attention_unit: auto -- each layout tried, its loss on the first search_samples calibration sequences
-            "layout_search": [trial.to_dict() for trial in trials],
-            "reconstruction": settings.reconstruction,
-            "reconstruction_mode": settings.reconstruction_mode,
-            "damping": settings.damping,
-            "bias_compensation": adds_bias,
-            # relative output error of o_proj / down_proj on the calibration tokens, removed vs re-fitted
-            "reconstruction_errors": result.mean_errors(),
-            "reconstruction_errors_per_layer": result.errors,
-            "per_layer_fraction": plan.per_layer_fraction,
-            "layer_shapes_before": [s.to_dict() for s in shapes_before],
-            "layer_shapes_after": [s.to_dict() for s in layer_shapes(model)],
-            "removed_attention_groups": {str(k): v for k, v in plan.removed_attention_groups.items()},
-            "removed_query_heads": {str(k): v for k, v in plan.removed_query_heads.items()},
-            "removed_ffn_channels": {str(k): v for k, v in plan.removed_ffn_channels.items()},
-            "command": command_line(),
-        }
+        summary = prune_scored(model, scores, ratio, params, calibration_ids=calibration_ids,
+                               activations=activations, servable=args.servable, device=device)
+        seconds = summary.pop("surgery_seconds")  # wall time goes to MLflow only (see below)
+        summary["command"] = command_line()
         with atomic_dir(args.out) as tmp:
             save_pruned(model, tmp, tokenizer=tokenizer, dtype=checkpoint_dtype(args.model))  # the source's dtype
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             chain = read_chain(args.model)
             chain.append(step("score", scores.metadata.get("command", ""), {"criterion": args.criterion},
                               device=scores.metadata.get("device")))
-            chain.append(step(STAGE, command_line(), tracked, params_before=plan.params_before,
-                              params_after=params_after, achieved_ratio=summary["achieved_ratio"]))
+            chain.append(step(STAGE, command_line(), tracked, params_before=summary["params_before"],
+                              params_after=summary["params_after"], achieved_ratio=summary["achieved_ratio"]))
             write_chain(tmp, chain)
             write_model_card(tmp, parent=args.model,
                              title=f"{'servable' if args.servable else 'pruned'} {args.criterion} {ratio_name}")

@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         provenance_lines,
         results_frame,
         setting_lines,
+        zeroshot_average_note,
     )
 
     wanted = expected_model_ids(params.grid)
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             markdown_table(frame, records),
             "",
+            *([note, ""] if (note := zeroshot_average_note(records)) else []),
             "## Size and speed",
             "",
             efficiency_table(frame),

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = load_params(args.params)
 
     from pruneflow.importance import get_criterion
-    from pruneflow.runtime import resolve_device, resolve_dtype, seed_everything
+    from pruneflow.runtime import resolve_device, resolve_dtype
 
     criterion = get_criterion(args.criterion, params.score)  # a bad name fails before any loading
     device = resolve_device(params.runtime.device)
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.activations import load_activation_stats
     from pruneflow.checkpoint import load_pruned
-    from pruneflow.importance import ScoringInputs
+    from pruneflow.importance import score_groups
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -45,7 +45,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if criterion.needs_activations:
         activations = load_activation_stats(args.activations, f"criterion {criterion.name!r}")
     ids = load_calibration(args.calibration)
-    seed_everything(params.seed)
     tracked = {**stage_params(params, "seed", "runtime", "score", "activations.batch_size"),
                "criterion": criterion.name}
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags={"pruneflow.criterion": criterion.name},
@@ -55,10 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        scores = criterion.score(model, ScoringInputs(
-            calibration_ids=ids, activations=activations, micro_batch_size=params.score.micro_batch_size,
-            forward_batch_size=params.activations.batch_size, seed=params.seed, device=device, dtype=dtype,
-        ))
+        scores = score_groups(model, criterion.name, ids, activations, params, device, dtype)
         seconds = time.perf_counter() - started
         scores.metadata.update({
             "criterion": criterion.name, "command": command_line(), "device": str(device),
