@@ -146,6 +146,10 @@ def test_api_invariants(one_shot_project):
     assert next(model.parameters()).dtype == torch.bfloat16  # ends in the dtype it came in
     assert count_parameters(model) == result.params_after == dense - round(result.achieved_ratio * dense)
     assert abs(result.achieved_ratio - 0.3) < 0.03 and not model.training
+    model = pruneflow.load_pruned(root / "tiny")  # float32: the gradient criterion runs on the model itself
+    model.train()
+    pruneflow.prune(model, tokenizer, texts, criterion="taylor_vector", ratio=0.3, params=overrides)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # as it came: ready to fine-tune
 
     with pytest.raises(DataError, match="calibration_texts is one string"):
         pruneflow.prune(model, tokenizer, "one long text", params=overrides)

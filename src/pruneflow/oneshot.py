@@ -111,6 +111,7 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
     work_dtype = resolve_dtype(settings.runtime.dtype, target)
     came_as = next(model.parameters()).dtype
     was_training = model.training
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}  # gradient criteria reset them
     model.eval()
     ids = calibration_windows(calibration_texts, tokenizer, settings)
     scorer = get_criterion(criterion, settings.score)
@@ -132,4 +133,6 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
                            servable=servable, device=target)
     model.to(came_as)
     model.train(was_training)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable.get(name, True))
     return PruneResult(summary=summary, scores=scores)
