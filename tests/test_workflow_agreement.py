@@ -155,14 +155,15 @@ def test_same_inputs_outputs_and_data_per_job(snakemake_jobs, dvc_stages, params
 def test_same_commands_for_the_default_grid(snakemake_jobs, dvc_stages):
     slot = "python -m pruneflow.pipeline.gpu_slots -- "  # Snakemake runs GPU jobs in parallel; DVC runs one at a time
     lines = [job["shell"] for job in snakemake_jobs]
-    snake_cmds = sorted(LOG_REDIRECT.sub("", line.removeprefix(slot)) for line in lines)
+    progress = "PRUNEFLOW_PROGRESS_FD=3 "  # the jobs' progress bars go to the console (pruneflow.progress)
+    snake_cmds = sorted(LOG_REDIRECT.sub("", line.removeprefix(progress).removeprefix(slot)) for line in lines)
     dvc_cmds = sorted(stage.cmd for stages in dvc_stages.values() for stage in stages)
     assert snake_cmds == dvc_cmds
     gpu_stages = {stage.module for stage in STAGES.values() if stage.gpu}
     assert gpu_stages == {"cache_activations", "score", "recover", "evaluate"}
     for line in lines:
         stage = re.search(r"pruneflow\.stages\.(\w+)", line).group(1)
-        assert line.startswith(slot) == (stage in gpu_stages), line
+        assert line.removeprefix(progress).startswith(slot) == (stage in gpu_stages), line
 
 
 def test_every_params_section_is_read_by_some_stage():

@@ -31,6 +31,7 @@ def progress_stream() -> IO[str]:
         number = int(fd)
         if number not in _streams:
             try:
+                os.fstat(number)  # open in this process (the rule opens it; elsewhere fall back)
                 _streams[number] = os.fdopen(number, "w", buffering=1, closefd=False)
             except OSError:
                 return sys.stderr

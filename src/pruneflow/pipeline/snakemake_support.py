@@ -177,7 +177,7 @@ class SnakemakePipeline:
         values = {key: "{wildcards." + key + "}" for key in stage.placeholders}
         # the log gets stdout and stderr; descriptor 3 keeps the console for the progress bars
         line = command(stage, inputs, outputs, values, self.params_file) + f" {CONSOLE_FD}>&2 > {{log}} 2>&1"
-        return (GPU_SLOT_PREFIX + line) if stage.gpu else line
+        return f"{PROGRESS_FD_ENV}={CONSOLE_FD} " + ((GPU_SLOT_PREFIX + line) if stage.gpu else line)
 
     def log(self, name: str, suffix: str = ".log", folder: str = "logs") -> str:
         stage = STAGES[name]
@@ -227,7 +227,6 @@ def start(workflow: Any, params_file: str = PARAMS_FILE) -> SnakemakePipeline:
     from pruneflow.pipeline.records import update_stamps, verdicts
 
     root = Path.cwd()
-    os.environ[PROGRESS_FD_ENV] = str(CONSOLE_FD)  # jobs inherit it: their bars go to the console (pruneflow.progress)
     overrides = workflow.config_settings.overwrite_config
     configfiles = [str(f) for f in (workflow.config_settings.configfiles or [])]
     if overrides or configfiles:

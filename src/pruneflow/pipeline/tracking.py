@@ -19,7 +19,6 @@ import dataclasses
 import datetime as _dt
 import getpass
 import hashlib
-import logging
 import math
 import numbers
 import os
@@ -55,7 +54,6 @@ __all__ = [
     "stage_run",
 ]
 
-log = logging.getLogger(__name__)
 
 INVOCATION_ENV = "PRUNEFLOW_INVOCATION_ID"
 ENGINES = ("snakemake", "dvc")
@@ -451,9 +449,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _warn(message: str) -> None:
-    """Tracking problems never stop a stage: they are logged (WARNING reaches stderr without any setup)."""
+    """Tracking problems never stop a stage: one line on stderr."""
     with contextlib.suppress(Exception):
-        log.warning(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
