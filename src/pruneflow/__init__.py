@@ -28,5 +28,6 @@ def prune(model, tokenizer, calibration_texts, *, criterion="obs", ratio=0.2, pa
     torch loads on first use, not on `import pruneflow`."""
     import importlib  # by name: the stages' source dependencies (pipeline.code_deps) need not include it
 
-    return importlib.import_module("pruneflow.oneshot").prune(model, tokenizer, calibration_texts, criterion=criterion, ratio=ratio, params=params,
-                  servable=servable, device=device)
+    return importlib.import_module("pruneflow.oneshot").prune(
+        model, tokenizer, calibration_texts, criterion=criterion, ratio=ratio, params=params, servable=servable,
+        device=device)

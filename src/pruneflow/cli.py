@@ -48,13 +48,10 @@ def _project_root() -> Path:
     return root
 
 
-def _exec(command: list[str], what: str) -> int:
+def _exec(command: list[str]) -> int:
+    """Run a tool with this interpreter (`python -m ...`; `_module_available` checked it is installed)."""
     log.debug("running %s", shlex.join(command))
-    try:
-        return subprocess.call(command)
-    except FileNotFoundError:
-        raise ConfigError(f"{command[0]!r} was not found; {what} needs the pipeline extra: "
-                          "pip install 'pruneflow[pipeline]'") from None
+    return subprocess.call(command)
 
 
 def _module_available(module: str, extra: str) -> None:
@@ -69,13 +66,13 @@ def _module_available(module: str, extra: str) -> None:
 def cmd_run(args: argparse.Namespace, passed: list[str]) -> int:
     _project_root()
     _module_available("snakemake", "pipeline")
-    return _exec(snakemake_command(passed), "pruneflow run")
+    return _exec(snakemake_command(passed))
 
 
 def cmd_repro(args: argparse.Namespace, passed: list[str]) -> int:
     _project_root()
     _module_available("dvc", "pipeline")
-    return _exec([sys.executable, "-m", "dvc", "repro", *passed], "pruneflow repro")
+    return _exec([sys.executable, "-m", "dvc", "repro", *passed])
 
 
 def cmd_status(args: argparse.Namespace, passed: list[str]) -> int:
@@ -207,7 +204,7 @@ def cmd_ui(args: argparse.Namespace, passed: list[str]) -> int:
 
     uri = args.tracking_uri or load_params(args.params).mlflow.tracking_uri
     return _exec([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-                  "--port", str(args.port), *passed], "pruneflow ui")
+                  "--port", str(args.port), *passed])
 
 
 # ------------------------------------------------------------------------------------------- parsing

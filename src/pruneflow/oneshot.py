@@ -21,7 +21,7 @@ from torch import nn
 
 from pruneflow.config import BIAS_RECONSTRUCTIONS, Params, load_params, params_from_mapping
 from pruneflow.errors import ConfigError, DataError
-from pruneflow.importance import GroupScores, get_criterion
+from pruneflow.importance import GroupScores, Importance, get_criterion
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,22 @@ def calibration_windows(texts: Sequence[str], tokenizer, params: Params) -> torc
     return sample_calibration(list(texts), tokenizer, cfg.num_samples, cfg.seq_len, params.seed).input_ids
 
 
-def check_prunable(model: nn.Module, criterion: str, ratio: float, params: Params, servable: bool = False) -> None:
-    """Everything that can be refused before any forward pass: criterion, ratio, family, bias re-fit."""
+def check_prunable(model: nn.Module, criterion: str, ratio: float, params: Params, servable: bool = False) -> Importance:
+    """Everything that can be refused before any forward pass: criterion, ratio, family, layer range,
+    bias re-fit. Returns the criterion."""
     from pruneflow.architectures import check_supported, decoder_layers
     from pruneflow.config import check_ratio
     from pruneflow.pruning import check_bias_compensation
     from pruneflow.surgery import layers_to_prune
 
-    get_criterion(criterion, params.score)
+    scorer = get_criterion(criterion, params.score)
     check_ratio(ratio, "ratio")
     check_supported(model)
     layers_to_prune(len(decoder_layers(model)), params, servable)
     if params.prune.reconstruction in BIAS_RECONSTRUCTIONS:
         check_bias_compensation(getattr(model.config, "model_type", None),
                                 f"prune.reconstruction={params.prune.reconstruction!r}")
+    return scorer
 
 
 @dataclass
@@ -106,7 +108,7 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
     from pruneflow.surgery import prune_scored
 
     settings = resolve_params(params)
-    check_prunable(model, criterion, ratio, settings, servable)
+    scorer = check_prunable(model, criterion, ratio, settings, servable)
     target = resolve_device(str(device) if device is not None else settings.runtime.device)
     work_dtype = resolve_dtype(settings.runtime.dtype, target)
     came_as = next(model.parameters()).dtype
@@ -114,15 +116,15 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}  # gradient criteria reset them
     model.eval()
     ids = calibration_windows(calibration_texts, tokenizer, settings)
-    scorer = get_criterion(criterion, settings.score)
     reconstruct = settings.prune.reconstruction != "none"
     with torch.no_grad():
         working = model.to(target)
         if work_dtype != came_as:  # measure in runtime.dtype, as the pipeline's stages load the model
             working = copy.deepcopy(model).to(work_dtype)
-    log.info("activation statistics on %d x %d calibration tokens", *ids.shape)
-    activations = (activation_statistics(working, ids, settings, target)
-                   if scorer.needs_activations or reconstruct else None)
+    activations = None
+    if scorer.needs_activations or reconstruct:
+        log.info("activation statistics on %d x %d calibration tokens", *ids.shape)
+        activations = activation_statistics(working, ids, settings, target)
     log.info("scoring groups with %s", criterion)
     scores = score_groups(working, criterion, ids, activations, settings, target, work_dtype)
     scores.metadata.setdefault("criterion", criterion)
