@@ -448,3 +448,86 @@ def test_query_head_pruning_through_dvc(tmp_path):
     run(["dvc", "pull", "prune", "--with-deps"], root)
     assert {p: p.read_bytes() for out in outputs for p in (root / out).rglob("*") if p.is_file()} == before
     assert "up to date" in run(["dvc", "status", "prune", "--with-deps"], root).stdout
+
+
+# loads each checkpoint with transformers alone (no pruneflow import: its Auto registrations would hide
+# a folder that only loads with them) and prints its class and logits on fixed token ids
+_PLAIN_TRANSFORMERS_LOAD = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+ids = torch.arange(3, 27).reshape(2, 12)
+out = {}
+for folder, remote in json.loads(sys.argv[1]).items():
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out[folder] = [type(model).__name__, model(ids).logits.tolist()]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_gemma3_dag_through_snakemake_then_dvc(tmp_path):
+    """A family other than Llama end to end: Gemma 3 (multi-query attention: its one KV head cannot go,
+    so attention loses query heads or nothing; pre- and post-sublayer norms, q/k norms, local/global
+    layers, tied embeddings) through Snakemake, then DVC finds the run recorded and reruns only what a
+    changed setting affects. llama.cpp's graphs of the exporter do not cover Gemma: no export_gguf."""
+    import torch
+
+    from pruneflow.checkpoint import load_pruned
+
+    overrides = {"grid": {"criteria": ["taylor_element1", "obs"], "ratios": [0.3],
+                          "recovered_criteria": ["taylor_element1"], "servable_criteria": ["obs"]},
+                 "mlflow": {"enabled": False}}  # tracking is checked by the Llama DAG tests
+    root = make_tiny_project(tmp_path / "project", overrides, family="gemma3")
+    init_git_and_dvc(root)
+    assert snakemake_planned_jobs(root) == {"prepare_model": 1, "calibrate": 1, "cache_activations": 1, "score": 2,
+                                            "prune": 2, "prune_servable": 1, "recover": 1, "evaluate_dense": 1,
+                                            "evaluate_pruned": 2, "evaluate_recovered": 1, "evaluate_servable": 1,
+                                            "report": 1}  # no export_gguf
+    run(["pruneflow", "run", "--resources", "gpu=2"], root)
+
+    results = (root / "reports/results.md").read_text()
+    for model_id in ("dense", "pruned/taylor_element1/0.3", "pruned/obs/0.3", "recovered/taylor_element1/0.3",
+                     "servable/obs/0.3"):
+        assert f"| {model_id} |" in results, model_id
+        metrics = json.loads((root / f"reports/metrics/{model_id}.json").read_text())
+        assert metrics["perplexity"]["wikitext2"]["ppl"] > 1 and 0 <= metrics["zeroshot"]["arc_easy"]["acc"] <= 1
+    assert not (root / "data/gguf").exists()
+    for name in ("taylor_element1", "obs"):
+        summary = json.loads((root / f"data/pruned/{name}/0.3/pruning_summary.json").read_text())
+        assert summary["achieved_ratio"] == pytest.approx(0.3, abs=0.02), name
+        # auto: whole KV groups are no candidate with one KV head per layer
+        assert summary["attention_unit"] != "kv_group" or summary["structures"] == ["ffn"], summary["attention_unit"]
+        assert [t["layout"] for t in summary["layout_search"]] == ["ffn", "query_head+ffn"]
+        assert all(shape["num_key_value_heads"] == 1 for shape in summary["layer_shapes_after"])
+
+    # per-layer widths: the family's per-layer classes (shipped code); servable: Gemma 3's own classes.
+    # pruneflow's loader and transformers alone give the same model
+    folders = {"data/pruned/taylor_element1/0.3": True, "data/pruned/obs/0.3": True,
+               "data/recovered/taylor_element1/0.3": True, "data/servable/obs/0.3": False}
+    for folder, per_layer in folders.items():
+        config = json.loads((root / folder / "config.json").read_text())
+        assert config["model_type"] == ("pruneflow_gemma3_text" if per_layer else "gemma3_text"), folder
+        assert (root / folder / "modeling_pruneflow.py").is_file() == per_layer, folder
+    plain = run(["python", "-c", _PLAIN_TRANSFORMERS_LOAD, json.dumps(folders)], root).stdout
+    loaded = json.loads(plain.split("RESULT", 1)[1])
+    ids = torch.arange(3, 27).reshape(2, 12)
+    for folder, per_layer in folders.items():
+        model = load_pruned(root / folder)
+        assert loaded[folder][0] == ("PruneflowGemma3ForCausalLM" if per_layer else "Gemma3ForCausalLM"), folder
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert torch.allclose(logits, torch.tensor(loaded[folder][1]), atol=1e-4), folder
+
+    # Snakemake's run is recorded in dvc.lock; a changed LoRA setting reruns its chain in DVC only
+    assert "up to date" in run(["dvc", "status"], root).stdout, "Snakemake's outputs must be recorded in dvc.lock"
+    set_param(root, "recover.lora_dropout", 0.1)
+    assert dvc_planned_stages(root) == ["recover@taylor_element1-0.3"]  # what follows waits for its output
+    pruned = (root / "data/pruned/taylor_element1/0.3/model.safetensors").stat().st_mtime_ns
+    assert dvc_ran_stages(root) == ["evaluate_recovered@taylor_element1-0.3", "recover@taylor_element1-0.3",
+                                    "report"]
+    assert (root / "data/pruned/taylor_element1/0.3/model.safetensors").stat().st_mtime_ns == pruned
+    metrics = json.loads((root / "reports/metrics/recovered/taylor_element1/0.3.json").read_text())
+    assert metrics["provenance"][-2]["params"]["recover.lora_dropout"] == 0.1
+    assert "up to date" in run(["dvc", "status"], root).stdout
+    assert snakemake_planned_jobs(root) == {}, "DVC's rerun is up to date for Snakemake as well"

@@ -64,8 +64,9 @@ def write_tiny_data(data_dir: Path) -> None:
         _head_json_list(instruct, data_dir / "instruct" / instruct.name, 20)
 
 
-def make_tiny_project(root: Path, overrides: dict | None = None) -> Path:
-    """Copy the pipeline into `root`, add tiny data and a tiny model, shrink params.yaml."""
+def make_tiny_project(root: Path, overrides: dict | None = None, family: str = "llama") -> Path:
+    """Copy the pipeline into `root`, add tiny data and a tiny model of `family` (a name of
+    `pruneflow.tiny_models.TINY_CONFIGS`, written to models/tiny-<family>, the model.source), shrink params.yaml."""
     from pruneflow.tiny_models import write_tiny_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
@@ -75,9 +76,11 @@ def make_tiny_project(root: Path, overrides: dict | None = None) -> Path:
     shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (root / ".gitignore").write_text((PROJECT_ROOT / ".gitignore").read_text())
     write_tiny_data(root / "data/raw")
-    write_tiny_checkpoint(root / "models/tiny-llama")
+    write_tiny_checkpoint(root / f"models/tiny-{family}", family=family)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params = _merge(params, TINY_OVERRIDES)
+    if family != "llama":
+        params = _merge(params, {"model": {"source": f"models/tiny-{family}"}})
     if overrides:
         params = _merge(params, overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -17,14 +17,15 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from pruneflow.architectures import decoder_layers
+from pruneflow.architectures import decoder_layers, projection
 from pruneflow.gram import GramAccumulator
 
+# statistic -> the logical projection whose input it is (q/k/v and gate/up share theirs)
 HOOKED_INPUTS = {
-    "attn_in": ("self_attn", "q_proj"),
-    "o_proj_in": ("self_attn", "o_proj"),
-    "mlp_in": ("mlp", "gate_proj"),
-    "down_proj_in": ("mlp", "down_proj"),
+    "attn_in": "q_proj",
+    "o_proj_in": "o_proj",
+    "mlp_in": "gate_proj",
+    "down_proj_in": "down_proj",
 }
 SAMPLED_INPUTS = ("o_proj_in", "down_proj_in")
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ def collect_activation_stats(
 
     handles = []
     for index, layer in enumerate(decoder_layers(model)):
-        for name, (parent, child) in HOOKED_INPUTS.items():
-            module = getattr(getattr(layer, parent), child)
+        for name, logical in HOOKED_INPUTS.items():
+            module = projection(layer, logical)
             handles.append(module.register_forward_pre_hook(make_hook(f"layers.{index}.{name}")))
     try:
         chunks = input_ids.split(batch_size)

@@ -6,7 +6,8 @@
 - Widths differ per layer (LLM-Pruner keeps the first and last layers dense): Hugging Face's mechanism
   for a model class it does not ship. The folder holds `configuration_pruneflow.py` and
   `modeling_pruneflow.py` (torch and transformers only), config.json names them in `auto_map` under a
-  model type of their own (`pruneflow_llama`, ...) and lists the widths in `pruneflow_layer_shapes`, so
+  model type of their own (`pruneflow_llama`, ...), lists the widths in `pruneflow_layer_shapes` and
+  the family's resizable modules in `pruneflow_layout` (so one loading file serves every family), so
   `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` loads it anywhere, and without
   `trust_remote_code` transformers says that the folder needs it.
 pruneflow registers the same classes with the Auto classes, so inside pruneflow no flag is needed.
@@ -26,65 +27,94 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pruneflow.architectures import (
-    SUPPORTED_ARCHITECTURES,
     LayerShape,
+    check_supported,
     decoder_layers,
+    family_of,
+    fuse_projections,
     head_dim,
     layer_shapes,
     set_layer_shape,
     unsupported_architecture,
 )
 from pruneflow.errors import ModelError
+from pruneflow.families import BY_MODEL_TYPE, FAMILIES, supported_names
 from pruneflow.remote_code import CODE_DIR, CODE_FILES
 from pruneflow.remote_code import configuration_pruneflow as remote_config
 from pruneflow.remote_code import modeling_pruneflow as remote_modeling
 from pruneflow.sources import PRUNED_MODEL_TYPES, read_config_dict
 
 LAYER_SHAPES_KEY = remote_config.LAYER_SHAPES_KEY
-# family model_type -> (model_type, config class, model class) of its per-layer-width variant
-_VARIANTS: dict[str, tuple[str, type, type]] = {
-    "llama": ("pruneflow_llama", remote_config.PruneflowLlamaConfig, remote_modeling.PruneflowLlamaForCausalLM),
-    "mistral": ("pruneflow_mistral", remote_config.PruneflowMistralConfig,
-                remote_modeling.PruneflowMistralForCausalLM),
-    "qwen2": ("pruneflow_qwen2", remote_config.PruneflowQwen2Config, remote_modeling.PruneflowQwen2ForCausalLM),
-}
-assert {variant[0]: family for family, variant in _VARIANTS.items()} == PRUNED_MODEL_TYPES
+LAYOUT_KEY = remote_config.LAYOUT_KEY
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _register() -> None:
-    """Make the per-layer-width classes known to the Auto classes in this process (no remote code needed)."""
-    for model_type, config_cls, model_cls in _VARIANTS.values():
-        AutoConfig.register(model_type, config_cls, exist_ok=True)
+    """Make every family's per-layer-width classes known to the Auto classes in this process (no remote
+    code needed); a family the installed transformers lacks is skipped."""
+    for family in FAMILIES:
+        try:
+            config_cls = getattr(remote_config, family.pruned_config_class)
+            model_cls = getattr(remote_modeling, family.pruned_architecture)
+        except AttributeError:
+            continue
+        AutoConfig.register(family.pruned_model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
 _register()
 
 
+def _vanilla_config_accepts(model: nn.Module) -> bool:
+    """Whether the family's own config class validates these widths. Llama's and Gemma's check that
+    hidden_size is a multiple of num_attention_heads (a leftover of derived head_dim), which a pruned head
+    count need not be (Llama-3.2-1B: 2048 hidden, 24 heads after one head per group): such a checkpoint
+    is written with the per-layer-width classes, whose config skips that one check."""
+    import transformers
+
+    base = getattr(transformers, family_of(model).config_class)
+    for validator in getattr(base, "__class_validators__", ()):
+        try:
+            validator(model.config)
+        except (ValueError, TypeError):
+            return False
+    return True
+
+
 def record_layer_shapes(model: nn.Module) -> list[LayerShape]:
-    """Write the model's real per-layer widths into its config (vanilla when uniform)."""
+    """Write the model's real per-layer widths into its config: vanilla when every layer has the same
+    widths and the family's config accepts them, else the per-layer-width keys (shapes and layout)."""
     config = model.config
     size = head_dim(model)
     shapes = layer_shapes(model)
     config.head_dim = size  # explicit: derived head_dim would change with num_attention_heads
-    if len(set(shapes)) == 1:
+    uniform = len(set(shapes)) == 1
+    if uniform:
         shape = shapes[0]
         config.num_attention_heads = shape.num_attention_heads
         config.num_key_value_heads = shape.num_key_value_heads
         config.intermediate_size = shape.intermediate_size
-        if hasattr(config, LAYER_SHAPES_KEY):
-            delattr(config, LAYER_SHAPES_KEY)
+    family = family_of(model)
+    if uniform and _vanilla_config_accepts(model):
+        for key in (LAYER_SHAPES_KEY, LAYOUT_KEY):
+            if hasattr(config, key):
+                delattr(config, key)
+        if type(config).__name__ == family.pruned_config_class and type(model).__name__ == family.architecture:
+            config.__class__ = type(config).__mro__[1]  # back to the family's own class
     else:
+        # the per-layer class: its validation accepts what the family's own class refuses
+        # (transformers validates the config again when saving)
+        config.__class__ = getattr(remote_config, family.pruned_config_class)
         config.num_attention_heads = max(s.num_attention_heads for s in shapes)
         config.num_key_value_heads = max(s.num_key_value_heads for s in shapes)
         config.intermediate_size = max(s.intermediate_size for s in shapes)
         setattr(config, LAYER_SHAPES_KEY, [s.to_dict() for s in shapes])
+        setattr(config, LAYOUT_KEY, family.stored_layout())
     return shapes
 
 
-def family_of(model_type: str | None) -> str | None:
-    """The family (llama, mistral, qwen2) of a vanilla or per-layer-width model type."""
+def base_model_type(model_type: str | None) -> str | None:
+    """The family model type (llama, gemma3_text, ...) of a vanilla or per-layer-width model type."""
     return PRUNED_MODEL_TYPES.get(model_type or "", model_type)
 
 
@@ -99,24 +129,23 @@ def _rewrite_config(out_dir: Path, per_layer: bool) -> None:
     """Name the per-layer-width classes (and ship their code) or the family's vanilla ones."""
     path = out_dir / "config.json"
     config = json.loads(path.read_text())
-    family = family_of(config.get("model_type"))
-    if family not in _VARIANTS:
+    family = BY_MODEL_TYPE.get(config.get("model_type") or "")
+    if family is None:
         raise ModelError(f"model_type={config.get('model_type')!r} has no per-layer-width variant; supported: "
-                         f"{', '.join(_VARIANTS)}")
-    model_type, config_cls, model_cls = _VARIANTS[family]
-    base_cls = model_cls.__mro__[1]
+                         f"{', '.join(f.model_type for f in FAMILIES)}")
     if per_layer:
-        config["model_type"] = model_type
-        config["architectures"] = [model_cls.__name__]
-        config["auto_map"] = {"AutoConfig": f"configuration_pruneflow.{config_cls.__name__}",
-                              "AutoModelForCausalLM": f"modeling_pruneflow.{model_cls.__name__}"}
+        config["model_type"] = family.pruned_model_type
+        config["architectures"] = [family.pruned_architecture]
+        config["auto_map"] = {"AutoConfig": f"configuration_pruneflow.{family.pruned_config_class}",
+                              "AutoModelForCausalLM": f"modeling_pruneflow.{family.pruned_architecture}"}
         for name in CODE_FILES:
             shutil.copyfile(CODE_DIR / name, out_dir / name)
     else:
-        config["model_type"] = family
-        config["architectures"] = [base_cls.__name__]
+        config["model_type"] = family.model_type
+        config["architectures"] = [family.architecture]
         config.pop("auto_map", None)
         config.pop(LAYER_SHAPES_KEY, None)
+        config.pop(LAYOUT_KEY, None)
         for name in CODE_FILES:
             (out_dir / name).unlink(missing_ok=True)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -129,11 +158,12 @@ def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: to
     cast in place, so call this last.
     """
     out_dir = Path(out_dir)
-    shapes = record_layer_shapes(model)
+    fuse_projections(model)  # a family's fused matrices are stored fused (pruneflow splits them to work)
+    record_layer_shapes(model)
     if dtype is not None and next(model.parameters()).dtype != dtype:
         model.to(dtype)
     model.save_pretrained(out_dir)
-    _rewrite_config(out_dir, per_layer=len(set(shapes)) > 1)
+    _rewrite_config(out_dir, per_layer=hasattr(model.config, LAYER_SHAPES_KEY))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -157,7 +187,7 @@ def _check_folder(path: Path) -> dict:
     if unsupported:
         raise ModelError(
             f"architecture {unsupported!r} in {path}/config.json is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{supported_names()}"
         )
     if raw.get(LAYER_SHAPES_KEY) and raw.get("model_type") not in PRUNED_MODEL_TYPES:
         raise ModelError(f"{path}/config.json lists per-layer widths under model_type={raw.get('model_type')!r}; "
@@ -201,6 +231,7 @@ def load_pruned(path: str | Path, *, dtype: Any = torch.float32, device: torch.d
     except Exception as exc:  # safetensors raises its own SafetensorError on a truncated file
         raise ModelError(f"could not load the model in {str(path)!r} (missing, truncated or corrupt weights?): "
                          f"{type(exc).__name__}: {exc}") from exc
+    check_supported(model)
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -27,8 +27,9 @@ import torch
 
 from pruneflow.config import GGUF_TYPES
 from pruneflow.errors import ConfigError, ModelError
+from pruneflow.families import FAMILIES as ALL_FAMILIES
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = tuple(family.model_type for family in ALL_FAMILIES if family.gguf_export)  # llama, mistral, qwen2
 # Hugging Face parameter suffix -> llama.cpp tensor name (per block)
 _BLOCK_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",

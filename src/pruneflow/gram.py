@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from pruneflow.architectures import decoder_layers
+from pruneflow.architectures import decoder_layers, projection
 
 PROJECTIONS = ("o_proj", "down_proj")
 
@@ -57,7 +57,7 @@ def forward_batches(model: nn.Module, input_ids: torch.Tensor, batch_size: int, 
 
 
 def projection_of(layer: nn.Module, name: str) -> nn.Linear:
-    return layer.self_attn.o_proj if name == "o_proj" else layer.mlp.down_proj
+    return projection(layer, name)
 
 
 def cached_gram(activations: Mapping[str, torch.Tensor] | None, layer_index: int,

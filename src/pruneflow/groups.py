@@ -12,10 +12,12 @@ per-matrix vectors are kept apart so that aggregation (sum, product, max, last) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import nn
+
+from pruneflow.architectures import projection
 
 ATTENTION_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_MATRICES = ("gate_proj", "up_proj", "down_proj")
@@ -23,11 +25,11 @@ AGGREGATIONS = ("sum", "product", "max", "last")
 
 
 def attention_matrix(layer: nn.Module, name: str) -> nn.Linear:
-    return getattr(layer.self_attn, name)
+    return projection(layer, name)
 
 
 def ffn_matrix(layer: nn.Module, name: str) -> nn.Linear:
-    return getattr(layer.mlp, name)
+    return projection(layer, name)
 
 
 def attention_group_vectors(
@@ -108,19 +110,23 @@ def aggregate(vectors: Mapping[str, torch.Tensor], how: str = "sum") -> torch.Te
 
 
 def attention_group_params(hidden_size: int, head_size: int, heads_per_group: int,
-                           q_bias: bool = False, kv_bias: bool = False, o_bias: bool = False) -> int:
-    """Parameters removed with one attention group (q/k/v rows, o columns, their biases)."""
+                           q_bias: bool = False, kv_bias: bool = False, o_bias: bool = False,
+                           norm_rows: Collection[str] = ()) -> int:
+    """Parameters removed with one attention group (q/k/v rows, o columns, their biases, and the
+    entries of norms spanning the q or kv projection output: `norm_rows` holds 'q' and/or 'kv')."""
     q_rows = heads_per_group * head_size
     count = q_rows * hidden_size + 2 * head_size * hidden_size + hidden_size * q_rows
     count += q_rows if q_bias else 0
     count += 2 * head_size if kv_bias else 0
+    count += q_rows if "q" in norm_rows else 0
+    count += head_size if "kv" in norm_rows else 0
     del o_bias  # o_proj's bias is per output (hidden) row: it stays
     return count
 
 
-def query_head_params(hidden_size: int, head_size: int, q_bias: bool = False) -> int:
-    """Parameters removed with one query head (its q rows and bias, its o_proj columns)."""
-    return 2 * head_size * hidden_size + (head_size if q_bias else 0)
+def query_head_params(hidden_size: int, head_size: int, q_bias: bool = False, q_norm: bool = False) -> int:
+    """Parameters removed with one query head (its q rows, bias and q_norm entries, its o_proj columns)."""
+    return 2 * head_size * hidden_size + (head_size if q_bias else 0) + (head_size if q_norm else 0)
 
 
 def ffn_channel_params(hidden_size: int, gate_up_bias: bool = False) -> int:

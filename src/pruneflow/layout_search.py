@@ -40,8 +40,11 @@ class Layout:
         return "+".join(self.attention_unit if s == "attention" else s for s in self.structures)
 
 
-def layouts_to_try(structures: Sequence[str], attention_unit: str) -> list[Layout]:
-    """The candidates `attention_unit` stands for within the allowed `structures` (one unless it is auto)."""
+def layouts_to_try(structures: Sequence[str], attention_unit: str, multi_query: bool = False,
+                   multi_head: bool = False) -> list[Layout]:
+    """The candidates `attention_unit` stands for within the allowed `structures` (one unless it is auto).
+    `multi_query`: a pruned layer has one KV head, so whole KV groups are not a candidate;
+    `multi_head`: one has a KV head per query head, so single query heads are not."""
     structures = tuple(structures)
     if attention_unit != AUTO:
         return [Layout(structures, attention_unit)]
@@ -49,7 +52,8 @@ def layouts_to_try(structures: Sequence[str], attention_unit: str) -> list[Layou
     if "ffn" in structures:
         candidates.append(Layout(("ffn",), "kv_group"))  # attention untouched
     if "attention" in structures:
-        candidates += [Layout(structures, "kv_group"), Layout(structures, "query_head")]
+        candidates += [] if multi_query else [Layout(structures, "kv_group")]
+        candidates += [] if multi_head else [Layout(structures, "query_head")]
     return candidates
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from pruneflow.architectures import check_supported
 from pruneflow.errors import ModelError
+from pruneflow.families import supported_names
 from pruneflow.sources import (  # noqa: F401  (the source helpers live in the torch-free module)
     EMBEDDED_GGUF,
     EMBEDDED_PACKAGE,
@@ -60,7 +61,7 @@ def load_source(source: ModelSource, *, revision: str | None = None, dtype: torc
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
         raise ModelError(
             f"architecture {type(model).__name__!r} of {source.location!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{supported_names()}"
         )
     check_supported(model)
     _check_vocabulary(tokenizer, model.config.vocab_size, repr(source.location))

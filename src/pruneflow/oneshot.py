@@ -133,6 +133,9 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
     log.info("pruning %.3g of the parameters", float(ratio))
     summary = prune_scored(model, scores, float(ratio), settings, calibration_ids=ids, activations=activations,
                            servable=servable, device=target)
+    from pruneflow.architectures import fuse_projections
+
+    fuse_projections(model)  # the family's own module tree again (Phi-3: fused qkv_proj / gate_up_proj)
     model.to(came_as)
     model.train(was_training)
     for name, param in model.named_parameters():

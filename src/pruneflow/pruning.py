@@ -30,13 +30,19 @@ from pruneflow.architectures import (
     LayerShape,
     count_parameters,
     decoder_layers,
+    family_of,
     head_dim,
     layer_shape,
+    projection,
+    set_projection,
     shrink_linear,
+    shrink_norm,
+    sliced_norms,
     sync_layer_attributes,
 )
 from pruneflow.config import ALLOCATIONS, ATTENTION_UNITS, check_ratio
 from pruneflow.errors import ConfigError, DataError
+from pruneflow.families import PROJECTIONS, multi_head_message, multi_query_message
 from pruneflow.groups import attention_group_params, ffn_channel_params, query_head_params
 from pruneflow.importance.base import COMMON_SCALE_KEY, GroupScores
 from pruneflow.sources import BIAS_MODEL_TYPES
@@ -84,17 +90,22 @@ def _ascending(scores: torch.Tensor) -> list[int]:
     return torch.argsort(scores.double(), stable=True).tolist()
 
 
+def _norm_rows(layer: nn.Module) -> set[str]:
+    """Which projection outputs ('q', 'kv') a norm of this layer spans row by row (OLMo 2)."""
+    return set(sliced_norms(layer).values())
+
+
 def _attention_units(layer_index: int, layer: nn.Module, shape: LayerShape, size: int, scores: GroupScores,
                      unit: str) -> _LayerUnits:
-    attn = layer.self_attn
+    q_proj, k_proj = projection(layer, "q_proj"), projection(layer, "k_proj")
     per_group = shape.num_attention_heads // shape.num_key_value_heads
-    hidden = attn.q_proj.in_features
+    hidden = q_proj.in_features
     if unit == "kv_group":
         group_scores = scores.attention[layer_index]
         _check_scores(group_scores, f"layer {layer_index} attention")
         order = _ascending(group_scores)
-        cost = attention_group_params(hidden, size, per_group, q_bias=attn.q_proj.bias is not None,
-                                      kv_bias=attn.k_proj.bias is not None)
+        cost = attention_group_params(hidden, size, per_group, q_bias=q_proj.bias is not None,
+                                      kv_bias=k_proj.bias is not None, norm_rows=_norm_rows(layer))
         return _LayerUnits(layer_index, "attention", cost, group_scores.double()[order], [[g] for g in order],
                            shape.num_key_value_heads - 1)
     if scores.attention_heads is None:
@@ -114,7 +125,8 @@ def _attention_units(layer_index: int, layer: nn.Module, shape: LayerShape, size
     ]
     levels = [[order[k] for order in per_group_order] for k in range(per_group)]
     level_scores = torch.stack([head_scores.double()[level].sum() for level in levels])
-    cost = shape.num_key_value_heads * query_head_params(hidden, size, q_bias=attn.q_proj.bias is not None)
+    cost = shape.num_key_value_heads * query_head_params(hidden, size, q_bias=q_proj.bias is not None,
+                                                         q_norm="q" in _norm_rows(layer))
     return _LayerUnits(layer_index, "attention", cost, level_scores, levels, per_group - 1)
 
 
@@ -122,7 +134,8 @@ def _ffn_units(layer_index: int, layer: nn.Module, shape: LayerShape, scores: Gr
     channel_scores = scores.ffn[layer_index]
     _check_scores(channel_scores, f"layer {layer_index} FFN")
     order = _ascending(channel_scores)
-    cost = ffn_channel_params(layer.mlp.gate_proj.in_features, gate_up_bias=layer.mlp.gate_proj.bias is not None)
+    gate = projection(layer, "gate_proj")
+    cost = ffn_channel_params(gate.in_features, gate_up_bias=gate.bias is not None)
     return _LayerUnits(layer_index, "ffn", cost, channel_scores.double()[order], [[c] for c in order],
                        shape.intermediate_size - 1)
 
@@ -224,6 +237,14 @@ def plan_pruning(
                 f"{scores.ffn[i].numel()} FFN channels but the layer has {shapes[i].num_key_value_heads} / "
                 f"{shapes[i].intermediate_size}; rerun the score stage for this model"
             )
+    if "attention" in structures and attention_unit == "kv_group":
+        single = [i for i in layers if shapes[i].num_key_value_heads == 1]
+        if single:
+            raise ConfigError(multi_query_message(f"layer {single[0]}"))
+    if "attention" in structures and attention_unit == "query_head":
+        plain = [i for i in layers if shapes[i].num_key_value_heads == shapes[i].num_attention_heads]
+        if plain:
+            raise ConfigError(multi_head_message(f"layer {plain[0]}"))
     units: list[_LayerUnits] = []
     for i in layers:
         if "attention" in structures:
@@ -273,7 +294,32 @@ def plan_pruning(
         plan.kept_attention_groups[i] = [g for g in range(shape.num_key_value_heads) if g not in set(removed_groups)]
         plan.kept_query_heads[i] = [h for h in range(shape.num_attention_heads) if h not in set(removed_heads)]
         plan.kept_ffn_channels[i] = [c for c in range(shape.intermediate_size) if c not in set(removed_channels)]
+    if width_multiple is not None:  # servable: the family's own config class must take the widths
+        _check_saved_head_count(model, plan, blocks, size)
     return plan
+
+
+def _check_saved_head_count(model: nn.Module, plan: PruningPlan, blocks: Sequence[nn.Module], size: int) -> None:
+    """Refuse, before any surgery, query-head counts the family's own config refuses: a servable
+    checkpoint promises the vanilla classes, and transformers' Llama and Gemma configs ask hidden_size to
+    be a multiple of num_attention_heads (a Gemma 3 losing one of 4 heads). Checkpoints with per-layer
+    widths take any count (`checkpoint.record_layer_shapes` writes them with the per-layer classes)."""
+    import copy
+
+    validate = getattr(model.config, "validate", None)
+    if validate is None:
+        return
+    heads = max(len(plan.kept_query_heads[i]) if i in plan.kept_query_heads else layer_shape(block, size).num_attention_heads
+                for i, block in enumerate(blocks))
+    config = copy.deepcopy(model.config)
+    config.num_attention_heads = heads
+    try:
+        config.validate()
+    except Exception as exc:  # transformers' strict-dataclass validation error
+        reason = exc.__cause__ or exc
+        raise ConfigError(f"prune.attention_unit={plan.attention_unit!r} would leave {heads} query heads, which "
+                          f"{type(model.config).__name__} refuses ({reason}); allowed: another ratio or "
+                          "attention_unit ('auto' skips this layout), or prune.structures ['ffn']") from None
 
 
 def _rows_of_heads(heads: Sequence[int], size: int) -> torch.Tensor:
@@ -296,20 +342,28 @@ def prune_layer(layer: nn.Module, kept_groups: Sequence[int], kept_heads: Sequen
         raise ValueError(f"kept query heads {kept_heads} do not give every kept KV group {kept_groups} the same "
                          "number of heads; GQA needs heads = kv_heads x heads_per_group")
     new_per_group = heads_per_kept_group[0]
-    attn, mlp = layer.self_attn, layer.mlp
+    norms = sliced_norms(layer)
+
+    def shrink(name: str, **keep: torch.Tensor) -> None:
+        set_projection(layer, name, shrink_linear(projection(layer, name), **keep))
+
     if len(kept_heads) != shape.num_attention_heads:
         q_rows = _rows_of_heads(kept_heads, size)
-        attn.q_proj = shrink_linear(attn.q_proj, keep_out=q_rows)
-        attn.o_proj = shrink_linear(attn.o_proj, keep_in=q_rows)
+        shrink("q_proj", keep_out=q_rows)
+        shrink("o_proj", keep_in=q_rows)
+        for path in (path for path, kind in norms.items() if kind == "q"):
+            shrink_norm(layer, path, q_rows)
     if len(kept_groups) != shape.num_key_value_heads:
         kv_rows = _rows_of_heads(kept_groups, size)
-        attn.k_proj = shrink_linear(attn.k_proj, keep_out=kv_rows)
-        attn.v_proj = shrink_linear(attn.v_proj, keep_out=kv_rows)
+        shrink("k_proj", keep_out=kv_rows)
+        shrink("v_proj", keep_out=kv_rows)
+        for path in (path for path, kind in norms.items() if kind == "kv"):
+            shrink_norm(layer, path, kv_rows)
     if len(kept_channels) != shape.intermediate_size:
         channels = torch.tensor(list(kept_channels), dtype=torch.long)
-        mlp.gate_proj = shrink_linear(mlp.gate_proj, keep_out=channels)
-        mlp.up_proj = shrink_linear(mlp.up_proj, keep_out=channels)
-        mlp.down_proj = shrink_linear(mlp.down_proj, keep_in=channels)
+        shrink("gate_proj", keep_out=channels)
+        shrink("up_proj", keep_out=channels)
+        shrink("down_proj", keep_in=channels)
     new_shape = LayerShape(
         num_attention_heads=len(kept_groups) * new_per_group,
         num_key_value_heads=len(kept_groups),
@@ -367,16 +421,14 @@ def add_compensation_biases(model: nn.Module, deltas: Mapping[int, tuple[torch.T
     check_bias_compensation(getattr(model.config, "model_type", None))
     before = count_parameters(model)
     for index, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        for holder, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (mlp, ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                setattr(holder, name, _with_bias(getattr(holder, name)))
+        for name in PROJECTIONS:  # the config switches biases on for every projection of a kind
+            set_projection(layer, name, _with_bias(projection(layer, name)))
         if index in deltas:
             o_delta, down_delta = deltas[index]
             with torch.no_grad():
-                attn.o_proj.bias.add_(o_delta.to(attn.o_proj.bias.device, attn.o_proj.bias.dtype))
-                mlp.down_proj.bias.add_(down_delta.to(mlp.down_proj.bias.device, mlp.down_proj.bias.dtype))
-    model.config.attention_bias = True
-    model.config.mlp_bias = True
+                for name, delta in (("o_proj", o_delta), ("down_proj", down_delta)):
+                    bias = projection(layer, name).bias
+                    bias.add_(delta.to(bias.device, bias.dtype))
+    for flag in family_of(model).output_bias_flags:
+        setattr(model.config, flag, True)
     return count_parameters(model) - before

@@ -344,7 +344,7 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
         for i in plan.layers:
             o_bias = biases.get((i, "o_proj"))
             down_bias = biases.get((i, "down_proj"))
-            hidden = blocks[i].self_attn.o_proj.out_features
+            hidden = projection_of(blocks[i], 'o_proj').out_features
             deltas[i] = (o_bias if o_bias is not None else torch.zeros(hidden, dtype=torch.float64),
                          down_bias if down_bias is not None else torch.zeros(hidden, dtype=torch.float64))
         result.params_added = add_compensation_biases(model, deltas)

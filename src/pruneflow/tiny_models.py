@@ -1,8 +1,10 @@
 """Tiny random decoder models and a tiny offline tokenizer, for tests and smoke runs.
 
-Every supported family (Llama, Mistral, Qwen2) with GQA, a few layers and small widths: a whole
-pipeline run on one takes seconds per stage on a CPU. `python -m pruneflow.tiny_models OUT_DIR`
-writes one as a Hugging Face folder (config, safetensors, tokenizer).
+Every supported family, a few layers and small widths: a whole pipeline run on one takes seconds per
+stage on a CPU. `TINY_FAMILIES` (Llama, Mistral, Qwen2: GQA, 4 layers, hidden 64) share one shape;
+`TINY_CONFIGS` adds one config per published model shape of the other families (each family module in
+`pruneflow.families` names the published config it scales down). `python -m pruneflow.tiny_models
+OUT_DIR --family NAME` writes one as a Hugging Face folder (config, safetensors, tokenizer).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from pruneflow.families import TINY_CONFIGS as _TINY
+
 TINY_FAMILIES = ("llama", "mistral", "qwen2")
+TINY_CONFIGS = tuple(_TINY)  # every tiny config: the three above and llama3, qwen3, gemma2, gemma3, phi3, ...
 
 _DEFAULT_TRAINING_TEXT = (
     "The quick brown fox jumps over the lazy dog. Pruning removes attention heads and channels. "
@@ -24,9 +29,11 @@ _DEFAULT_TRAINING_TEXT = (
 
 
 def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
-    """A GQA config: 4 layers, hidden 64, 4 query heads sharing 2 KV heads, FFN 96."""
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"family={family!r} is not allowed; allowed: {', '.join(TINY_FAMILIES)}")
+    """A tiny config of `family` (a name of `TINY_CONFIGS`): 4 layers; Llama, Mistral and Qwen2 have hidden
+    64 and 4 query heads sharing 2 KV heads of 16, FFN 96; the others their family module's shape."""
+    if family not in _TINY:
+        raise ValueError(f"family={family!r} is not allowed; allowed: {', '.join(_TINY)}")
+    spec, shape = _TINY[family]
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -41,8 +48,9 @@ def tiny_config(family: str = "llama", vocab_size: int = 384, **overrides):
         eos_token_id=2,
         pad_token_id=2,
     )
+    kwargs.update(shape)
     kwargs.update(overrides)
-    return AutoConfig.for_model(family, **kwargs)
+    return AutoConfig.for_model(spec.model_type, **kwargs)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
@@ -94,7 +102,7 @@ def write_tiny_checkpoint(out_dir: str | Path, family: str = "llama", seed: int 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--family", default="llama", choices=TINY_FAMILIES)
+    parser.add_argument("--family", default="llama", choices=TINY_CONFIGS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(write_tiny_checkpoint(args.out_dir, family=args.family, seed=args.seed))

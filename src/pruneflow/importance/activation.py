@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pruneflow.architectures import decoder_layers, head_dim, layer_shape
+from pruneflow.architectures import decoder_layers, head_dim, layer_shape, projection
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.importance.base import GroupScores, ScoringInputs
 from pruneflow.importance.elementwise import Aggregated, score_elementwise
@@ -102,7 +102,7 @@ class Flap:
         attention, heads, ffn = [], [], []
         for index, layer in enumerate(decoder_layers(model)):
             shape = layer_shape(layer, size)
-            o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+            o_proj, down_proj = projection(layer, 'o_proj'), projection(layer, 'down_proj')
             _, o_variance = input_mean_and_variance(activations, index, "o_proj")
             _check_width(o_variance, o_proj, f"layers.{index}.o_proj_in")
             _, down_variance = input_mean_and_variance(activations, index, "down_proj")

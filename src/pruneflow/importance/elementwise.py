@@ -8,8 +8,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pruneflow.architectures import decoder_layers, head_dim, layer_shape
+from pruneflow.architectures import decoder_layers, head_dim, layer_shape, projection
 from pruneflow.errors import ConfigError
+from pruneflow.families import PROJECTIONS
 from pruneflow.groups import (
     AGGREGATIONS,
     aggregate,
@@ -63,8 +64,7 @@ def projection_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Weights and biases of every prunable projection (the only tensors criteria look at)."""
     params = []
     for layer in decoder_layers(model):
-        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                       layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+        for module in (projection(layer, name) for name in PROJECTIONS):
             params.append(module.weight)
             if module.bias is not None:
                 params.append(module.bias)

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pruneflow.architectures import decoder_layers, head_dim, layer_shape
+from pruneflow.architectures import decoder_layers, head_dim, layer_shape, projection
 from pruneflow.gram import gram_matrices
 from pruneflow.importance.base import COMMON_SCALE_KEY, GroupScores, ScoringInputs
 from pruneflow.progress import progress
@@ -30,7 +30,7 @@ GRAM_BUDGET_BYTES = 2 * 1024**3  # Gram matrices held at once while scoring
 
 
 def _gram_bytes(layer: nn.Module) -> int:
-    return 8 * (layer.self_attn.o_proj.in_features ** 2 + layer.mlp.down_proj.in_features ** 2)
+    return 8 * (projection(layer, 'o_proj').in_features ** 2 + projection(layer, 'down_proj').in_features ** 2)
 
 
 class StructuredObs:
@@ -73,7 +73,7 @@ class StructuredObs:
                 shape = layer_shape(layer, size)
                 per_group = shape.num_attention_heads // shape.num_key_value_heads
                 o_gram = grams.pop((i, "o_proj")).gram
-                o_weight = layer.self_attn.o_proj.weight
+                o_weight = projection(layer, 'o_proj').weight
                 head_units = [list(range(h * size, (h + 1) * size)) for h in range(shape.num_attention_heads)]
                 group_units = [[c for h in range(g * per_group, (g + 1) * per_group) for c in head_units[h]]
                                for g in range(shape.num_key_value_heads)]
@@ -84,7 +84,7 @@ class StructuredObs:
                 down_gram = grams.pop((i, "down_proj")).gram
                 channel_units = [[c] for c in range(shape.intermediate_size)]
                 ffn[i] = scores_from_order(
-                    obs_removal_order(layer.mlp.down_proj.weight, down_gram, channel_units, self.damping),
+                    obs_removal_order(projection(layer, 'down_proj').weight, down_gram, channel_units, self.damping),
                     len(channel_units))
                 bar.update()
         bar.close()

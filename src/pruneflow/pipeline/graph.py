@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from pruneflow.config import Params, format_ratio
+from pruneflow.sources import gguf_export_applies
 
 PARAMS_FILE = "params.yaml"
 DATA_DIR = "data/raw"
@@ -233,6 +234,8 @@ def is_expansion(stage: Stage, reference: str) -> bool:
 
 def grid_values(params: Params, stage: Stage) -> list[dict[str, str]]:
     """The placeholder values of every instance of a stage ([{}] for a stage without a grid)."""
+    if stage.name == "export_gguf" and not gguf_export_applies(params.model.source):
+        return []  # a family llama.cpp's graphs in our exporter do not cover: no GGUF files
     criteria = list(getattr(params.grid, stage.criteria)) if stage.criteria else [None]
     ratios = [format_ratio(r) for r in params.grid.ratios] if stage.ratios else [None]
     return [{k: v for k, v in (("criterion", c), ("ratio", r)) if v is not None} for c in criteria for r in ratios]
@@ -369,6 +372,8 @@ def render_dvc_yaml(params: Params, root: str | Path) -> str:
     """dvc.yaml for these params (data and source lists resolved; the grid left to DVC's templating)."""
     import yaml
 
-    stages = {stage.name: dvc_stage(stage, params, root) for stage in STAGES.values()}
+    # export_gguf only for a family the exporter covers (grid_values' rule, the source read relative to root)
+    stages = {stage.name: dvc_stage(stage, params, root) for stage in STAGES.values()
+              if stage.name != "export_gguf" or gguf_export_applies(params.model.source, root)}
     text = yaml.safe_dump({"stages": stages}, sort_keys=False, width=1000, default_flow_style=False)
     return DVC_HEADER + text

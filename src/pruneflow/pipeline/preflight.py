@@ -25,9 +25,9 @@ from pruneflow.pipeline.hashing import HashCache
 
 def check_model(params: Params, root: str | Path) -> dict:
     """The source exists and is supported; the layer range and lengths fit it. Returns its config facts."""
+    from pruneflow.families import supported_names
     from pruneflow.sources import (
         BIAS_MODEL_TYPES,
-        SUPPORTED_ARCHITECTURES,
         resolve_source,
         source_config,
         unsupported_architecture,
@@ -39,7 +39,7 @@ def check_model(params: Params, root: str | Path) -> dict:
     unsupported = unsupported_architecture(config)
     if unsupported:
         raise ConfigError(f"model.source={params.model.source!r} is a {unsupported!r} model, which is not "
-                          f"supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                          f"supported; supported: {supported_names()}")
     layers = config.get("num_hidden_layers")
     if isinstance(layers, int):
         params.prune.layer_range(layers)
@@ -48,6 +48,17 @@ def check_model(params: Params, root: str | Path) -> dict:
             f"prune.reconstruction={params.prune.reconstruction!r} needs output biases on o_proj/down_proj, which "
             f"model_type={config.get('model_type')!r} cannot express in its config; allowed for: "
             f"{', '.join(BIAS_MODEL_TYPES)} (set prune.reconstruction to 'least_squares' or 'none')")
+    settings = params.prune
+    if (config.get("num_key_value_heads") == 1 and "attention" in settings.structures
+            and settings.attention_unit == "kv_group"):
+        from pruneflow.families import multi_query_message
+
+        raise ConfigError(multi_query_message(f"model.source={params.model.source!r}"))
+    if (config.get("num_key_value_heads") and config.get("num_key_value_heads") == config.get("num_attention_heads")
+            and "attention" in settings.structures and settings.attention_unit == "query_head"):
+        from pruneflow.families import multi_head_message
+
+        raise ConfigError(multi_head_message(f"model.source={params.model.source!r}"))
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int):
         check_lengths(params, positions, f"model.source={params.model.source!r}")

@@ -1,29 +1,53 @@
 """Configurations of decoder models whose layers have different widths (written by pruneflow).
 
-Each class is its family's own configuration under a model type of its own (`pruneflow_<family>`),
-so a plain `from_pretrained` without `trust_remote_code=True` stops with transformers' message that
-the folder holds custom code, instead of a size-mismatch traceback. The per-layer widths live in
-`pruneflow_layer_shapes`: one {num_attention_heads, num_key_value_heads, intermediate_size} per layer;
-`num_attention_heads` / `num_key_value_heads` / `intermediate_size` hold the widest layer's values.
-This file imports only transformers: it runs without pruneflow installed.
+Each class is its family's own transformers configuration under a model type of its own
+(`pruneflow_<model_type>`), so a plain `from_pretrained` without `trust_remote_code=True` stops with
+transformers' message that the folder holds custom code, instead of a size-mismatch traceback. The
+classes are made on first use from the family's name (`PruneflowLlamaConfig` extends `LlamaConfig`,
+`PruneflowGemma3TextConfig` extends `Gemma3TextConfig`), so this file serves every family.
+The per-layer widths live in `pruneflow_layer_shapes`: one {num_attention_heads, num_key_value_heads,
+intermediate_size} per layer; `num_attention_heads` / `num_key_value_heads` / `intermediate_size` hold
+the widest layer's values. This file imports only transformers: it runs without pruneflow installed.
 """
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+import transformers
 
 LAYER_SHAPES_KEY = "pruneflow_layer_shapes"
+LAYOUT_KEY = "pruneflow_layout"
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+PREFIX = "Pruneflow"
+_MADE: dict = {}
 
 
-class PruneflowLlamaConfig(LlamaConfig):
-    model_type = "pruneflow_llama"
+def variant_class(name: str, suffix: str, extra, mixins: tuple = ()):
+    """`Pruneflow<Base>` for transformers' class `<Base>` (ending in `suffix`), made once per process:
+    `mixins` first, then the base; `extra(base)` gives the class attributes."""
+    if name in _MADE:
+        return _MADE[name]
+    if not (name.startswith(PREFIX) and name.endswith(suffix)):
+        raise AttributeError(name)
+    base = getattr(transformers, name[len(PREFIX):], None)
+    if base is None:
+        raise AttributeError(f"{name}: transformers has no {name[len(PREFIX):]} (a newer transformers needed?)")
+    attributes = {"__module__": __name__, "__qualname__": name, **extra(base)}
+    _MADE[name] = type(name, (*mixins, base), attributes)
+    return _MADE[name]
 
 
-class PruneflowMistralConfig(MistralConfig):
-    model_type = "pruneflow_mistral"
+def _config_attributes(base) -> dict:
+    # the family's validators, except validate_architecture: its hidden_size % num_attention_heads check
+    # predates explicit head_dim, and a pruned head count need not divide the hidden size
+    validators = [v for v in getattr(base, "__class_validators__", ()) if v.__name__ != "validate_architecture"]
+
+    def validate(self) -> None:
+        for validator in validators:
+            validator(self)
+
+    return {"model_type": f"pruneflow_{base.model_type}", "validate": validate}
 
 
-class PruneflowQwen2Config(Qwen2Config):
-    model_type = "pruneflow_qwen2"
+def __getattr__(name: str):
+    return variant_class(name, "Config", _config_attributes)
 
 
 def layer_shapes_of(config) -> list[dict]:

@@ -1,0 +1,49 @@
+"""The decoder families pruneflow prunes: one module per family, each a `Family` (pure data).
+
+Adding a family is one module here (its layout and its tiny test configs) and its line below; the
+generic code in `pruneflow.architectures` reads nothing else. Torch-free: the plan imports it.
+"""
+
+from __future__ import annotations
+
+from pruneflow.families import gemma2, gemma3, llama, mistral, olmo2, phi3, qwen2, qwen3
+from pruneflow.families.spec import PROJECTIONS, Family
+
+FAMILIES: tuple[Family, ...] = tuple(module.FAMILY for module in (llama, mistral, qwen2, qwen3, gemma2, gemma3,
+                                                                   phi3, olmo2))
+BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
+BY_MODEL_TYPE.update({family.pruned_model_type: family for family in FAMILIES})
+BY_ARCHITECTURE = {family.architecture: family for family in FAMILIES}
+BY_ARCHITECTURE.update({family.pruned_architecture: family for family in FAMILIES})
+BY_DECODER_LAYER = {family.decoder_layer: family for family in FAMILIES}
+TINY_CONFIGS = {name: (family, overrides) for family in FAMILIES for name, overrides in family.tiny_configs.items()}
+
+__all__ = ["BY_ARCHITECTURE", "BY_DECODER_LAYER", "BY_MODEL_TYPE", "FAMILIES", "PROJECTIONS", "TINY_CONFIGS",
+           "Family", "family_for_config", "multi_head_message", "multi_query_message", "supported_names"]
+
+
+def supported_names() -> str:
+    """The supported architectures, for error messages."""
+    return ", ".join(family.architecture for family in FAMILIES)
+
+
+def family_for_config(config: dict) -> Family | None:
+    """The family a config.json names (by architecture first, then model_type); None when unsupported."""
+    architectures = config.get("architectures") or []
+    if architectures:
+        return BY_ARCHITECTURE.get(architectures[0])
+    return BY_MODEL_TYPE.get(config.get("model_type") or "")
+
+
+def multi_query_message(where: str) -> str:
+    """The refusal of whole-KV-group pruning on a model with one KV head per layer."""
+    return (f"{where} has one KV head (multi-query attention): a whole KV group cannot be removed, so "
+            "prune.attention_unit='kv_group' cannot prune its attention; allowed: 'query_head' (removes query "
+            "heads), 'auto' (picks among the layouts that apply), or prune.structures ['ffn']")
+
+
+def multi_head_message(where: str) -> str:
+    """The refusal of query-head pruning on a model with one query head per KV head (plain multi-head)."""
+    return (f"{where} has one query head per KV head (multi-head attention): a query head cannot go without "
+            "its KV head, so prune.attention_unit='query_head' cannot prune its attention; allowed: 'kv_group' "
+            "(removes whole heads), 'auto' (picks among the layouts that apply), or prune.structures ['ffn']")
