@@ -73,9 +73,31 @@ def commit_built_stages(root: str | Path, built_outputs: Iterable[str]) -> list[
             outs = _stage_outs(stage, root)
             if not outs or not all(out in built and (root / out).exists() for out in outs):
                 continue
+            times = _file_times(root / out for out in outs)
             repo.commit(stage.addressing, force=True)
+            _restore_file_times(times)
             committed.append(stage.addressing)
     return committed
+
+
+def _file_times(outputs: Iterable[Path]) -> dict[Path, tuple[int, int]]:
+    """(atime, mtime) of each output and everything inside an output folder."""
+    times = {}
+    for out in outputs:
+        for item in [*(out.rglob("*") if out.is_dir() else ()), out]:
+            info = item.lstat()
+            times[item] = (info.st_atime_ns, info.st_mtime_ns)
+    return times
+
+
+def _restore_file_times(times: dict[Path, tuple[int, int]]) -> None:
+    """Give outputs their times back after `dvc commit`: linking a file to the cache replaces it with the
+    cache's copy, dated now, which Snakemake would take for an input newer than the jobs that read it
+    (its checksum fallback covers only files up to 1 MB)."""
+    for item, (atime, mtime) in times.items():
+        with contextlib.suppress(OSError):
+            if item.lstat().st_mtime_ns != mtime:
+                os.utime(item, ns=(atime, mtime), follow_symlinks=False)
 
 
 def order_output_times(root: str | Path, now_ns: int | None = None,
