@@ -33,6 +33,22 @@ def test_module_breakdown_adds_up(llama):
     assert widths["intermediate_sizes"] == [llama.config.intermediate_size]
 
 
+def test_families_benchmark_prunes_a_published_shape_and_reports_it():
+    """One decoder layer of Qwen3-0.6B's published widths: pruned, saved and reloaded exactly."""
+    import argparse
+
+    families = _load("families")
+    args = argparse.Namespace(layers=1, samples=2, seq_len=32, ratio=0.2, vocab=512, threads=1,
+                              calibration_source=PROJECT_ROOT / "data/raw/wikitext-2/train.txt")
+    row = families.run_one("Qwen3-0.6B", "l2_magnitude", args)
+    assert row["reload_identical_logits"] and row["checkpoint_model_type"] in ("qwen3", "pruneflow_qwen3")
+    assert row["achieved_ratio"] == pytest.approx(0.2, abs=0.005)
+    assert row["params_before"] - row["params_after"] == pytest.approx(0.2 * row["params_before"], rel=0.03)
+    assert row["layer_shapes_after"][0]["intermediate_size"] < 3072
+    table = families._markdown([row, {"model": "gemma-2-2b", "criterion": "flap", "error": "boom"}], "cmd", "cpu", 512)
+    assert "| Qwen3-0.6B | l2_magnitude | 16 / 8 / 3072 |" in table and "failed: boom" in table
+
+
 def test_table1_params_use_the_pipeline_validation():
     table1 = _load("table1")
     base = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())

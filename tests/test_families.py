@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -82,6 +83,7 @@ def test_the_new_configs_have_the_structures_they_stand_for(tokenizer):
     for name in ("phi3", "phi4_mini"):
         assert isinstance(models[name].model.layers[0].self_attn.qkv_proj, nn.Linear)
     assert models["phi4_mini"].config.partial_rotary_factor == 0.75
+    assert models["phi4_mini"].config.rope_parameters["rope_type"] == "longrope"
     assert models["olmo2"].model.layers[0].self_attn.q_norm.weight.numel() == 4 * 16  # whole q projection
     for name in ("llama3", "qwen3", "gemma2", "gemma3", "phi4_mini"):
         assert models[name].lm_head.weight is models[name].model.embed_tokens.weight, name
@@ -240,8 +242,12 @@ def test_reconstruction_lowers_the_error_and_the_checkpoints_reload(name, tokeni
         out = save_pruned(model, tmp_path / "uniform", tokenizer=tokenizer)
         config = json.loads((out / "config.json").read_text())
         torch.testing.assert_close(_logits(load_pruned(out), token_ids), expected, rtol=0, atol=0)
-        if config["model_type"] == family.pruned_model_type:  # only where the family's config refuses the heads
-            assert "attention" in structures and model.config.hidden_size % heads, (structures, heads)
+        if config["model_type"] == family.pruned_model_type:  # only where the family's own config refuses
+            assert "attention" in structures, heads  # Llama/Gemma: hidden % heads; Phi-3 longrope: rotary width
+            vanilla = getattr(transformers, family.config_class)
+            with pytest.raises(Exception, match="hidden size|short_factor"):
+                vanilla(**{k: v for k, v in config.items() if k not in (
+                    "model_type", "architectures", "auto_map", "transformers_version", LAYER_SHAPES_KEY, LAYOUT_KEY)})
             continue
         assert config["model_type"] == family.model_type and "auto_map" not in config
         assert LAYER_SHAPES_KEY not in config and LAYOUT_KEY not in config
@@ -276,14 +282,18 @@ def test_config_facts_of_each_family_survive_pruning(tokenizer, token_ids, tmp_p
     """Rope scaling, soft-capping, sliding windows, layer types, partial rotary, tied embeddings: what
     pruning does not touch is written back unchanged."""
     kept = ("rope_parameters", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "layer_types",
-            "partial_rotary_factor", "tie_word_embeddings", "query_pre_attn_scalar", "rms_norm_eps", "head_dim")
+            "partial_rotary_factor", "tie_word_embeddings", "query_pre_attn_scalar", "rms_norm_eps", "head_dim",
+            "original_max_position_embeddings")
     for name in NEW:
         model = _model(name, tokenizer)
         before = {key: getattr(model.config, key) for key in kept if hasattr(model.config, key)}
         scores = get_criterion("l2_magnitude").score(model, ScoringInputs(calibration_ids=token_ids))
         apply_pruning(model, plan_pruning(model, scores, 0.2, range(1, 3), attention_unit=_units(model)[-1]))
+        long_ids = torch.arange(80).reshape(1, 80) % len(tokenizer)  # past Phi-4-mini's original 64 positions
+        expected = _logits(model, long_ids)
         loaded = load_pruned(save_pruned(model, tmp_path / name, tokenizer=tokenizer))
         assert {key: getattr(loaded.config, key) for key in before} == before, name
+        torch.testing.assert_close(_logits(loaded, long_ids), expected, rtol=0, atol=0)
         if before.get("tie_word_embeddings"):
             assert loaded.lm_head.weight is loaded.model.embed_tokens.weight, name
 
@@ -407,7 +417,7 @@ def test_one_kv_head_refuses_whole_groups_and_auto_takes_query_heads(tokenizer, 
                                      "layer_end": -1}})
     tried = [trial["attention_unit"] for trial in result.summary["layout_search"] if "attention" in trial["structures"]]
     assert tried == ["query_head"]
-    assert result.summary["attention_unit"] in ("query_head", "kv_group")  # kv_group: the FFN-only layout
+    assert result.summary["attention_unit"] in ("query_head", None)  # None: the FFN-only layout won
     assert all(s["num_key_value_heads"] == 1 for s in result.summary["layer_shapes_after"])
 
 

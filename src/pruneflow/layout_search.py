@@ -76,7 +76,8 @@ class Trial:
 
     def to_dict(self) -> dict:
         return {"layout": self.layout.label, "structures": list(self.layout.structures),
-                "attention_unit": self.layout.attention_unit, "calibration_loss": self.loss,
+                "attention_unit": self.layout.attention_unit if "attention" in self.layout.structures else None,
+                "calibration_loss": self.loss,
                 "params_after": self.params_after, "error": self.error}
 
 

@@ -89,7 +89,7 @@ def build_model_card(folder: str | Path, *, title: str, chain: Sequence[Mapping[
         lines += [f"Structurally pruned from `{source}` with pruneflow.", "",
                   "| | |", "|---|---|",
                   f"| criterion | {summary.get('criterion')} |",
-                  f"| layout | {summary.get('attention_unit')} attention units, {summary.get('allocation')} "
+                  f"| layout | {_unit_text(summary.get('attention_unit'))}, {summary.get('allocation')} "
                   f"allocation, layers {_layer_span(summary.get('pruned_layers'))} pruned |",
                   f"| re-fit after removal | {summary.get('reconstruction')} |",
                   f"| requested ratio | {summary.get('requested_ratio')} |",
@@ -112,6 +112,11 @@ def build_model_card(folder: str | Path, *, title: str, chain: Sequence[Mapping[
     lines += ["## How it was made", "", "Each step's command (params in `provenance.json`):", ""]
     lines += [f"1. {entry.get('stage')}: `{entry.get('command', '')}`" for entry in chain]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n")
+
+
+def _unit_text(unit: str | None) -> str:
+    """What lost width: attention units of a kind, or (no unit: the FFN-only layout) FFN channels only."""
+    return f"{unit} attention units" if unit else "FFN channels only"
 
 
 def _layer_span(layers: Sequence[int] | None) -> str:

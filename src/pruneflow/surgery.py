@@ -70,7 +70,8 @@ def prune_scored(model: nn.Module, scores: GroupScores, ratio: float, params: Pa
         "allocation": plan.allocation,
         "servable": servable,
         "width_multiple": plan.width_multiple,
-        "attention_unit": plan.attention_unit,
+        # None when attention is untouched (the FFN-only layout): no unit was used
+        "attention_unit": plan.attention_unit if "attention" in plan.structures else None,
         # attention_unit: auto -- each layout tried, its loss on the first search_samples calibration sequences
         "layout_search": [trial.to_dict() for trial in trials],
         "reconstruction": settings.reconstruction,

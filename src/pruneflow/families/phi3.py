@@ -27,9 +27,13 @@ FAMILY = Family(
         # Phi-3-mini-4k: hidden 3072, 32 query / 32 KV heads (MHA), FFN 8192, untied
         "phi3": {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 4,
                  "head_dim": 16, "tie_word_embeddings": False},
-        # Phi-4-mini: hidden 3072, 24 query / 8 KV heads of 128, FFN 8192, partial_rotary_factor 0.75, tied
+        # Phi-4-mini: hidden 3072, 24 query / 8 KV heads of 128, FFN 8192, partial_rotary_factor 0.75, tied,
+        # longrope scaling (48 short and long factors: rotary dim 96 / 2) beyond its original 4096 positions
         "phi4_mini": {"hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 6,
                       "num_key_value_heads": 2, "head_dim": 16, "partial_rotary_factor": 0.75,
-                      "tie_word_embeddings": True},
+                      "tie_word_embeddings": True, "original_max_position_embeddings": 64,
+                      "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0],
+                                       "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+                                       "original_max_position_embeddings": 64}},
     },
 )

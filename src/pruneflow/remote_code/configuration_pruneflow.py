@@ -10,6 +10,8 @@ intermediate_size} per layer; `num_attention_heads` / `num_key_value_heads` / `i
 the widest layer's values. This file imports only transformers: it runs without pruneflow installed.
 """
 
+import copy
+
 import transformers
 
 LAYER_SHAPES_KEY = "pruneflow_layer_shapes"
@@ -35,13 +37,21 @@ def variant_class(name: str, suffix: str, extra, mixins: tuple = ()):
 
 
 def _config_attributes(base) -> dict:
-    # the family's validators, except validate_architecture: its hidden_size % num_attention_heads check
-    # predates explicit head_dim, and a pruned head count need not divide the hidden size
-    validators = [v for v in getattr(base, "__class_validators__", ()) if v.__name__ != "validate_architecture"]
+    validators = list(getattr(base, "__class_validators__", ()))
 
     def validate(self) -> None:
+        """The family's own validators, run as if the heads were unpruned. Some take head_dim to be
+        hidden_size / num_attention_heads (Llama's and Gemma's divisibility check, Phi-3's rotary width for
+        longrope factors), which a pruned head count breaks although `head_dim` is explicit: they see the
+        head count that gives the real head_dim (the divisibility check is skipped where none does)."""
+        view = copy.copy(self)
+        head_dim = getattr(self, "head_dim", None)
+        exact = isinstance(head_dim, int) and head_dim > 0 and self.hidden_size % head_dim == 0
+        if exact:
+            view.__dict__["num_attention_heads"] = self.hidden_size // head_dim
         for validator in validators:
-            validator(self)
+            if exact or validator.__name__ != "validate_architecture":
+                validator(view)
 
     return {"model_type": f"pruneflow_{base.model_type}", "validate": validate}
 
