@@ -495,3 +495,70 @@ def test_attention_units_a_model_cannot_use_are_refused_at_plan_time_and_in_the_
     scores = get_criterion("l2_magnitude").score(model, ScoringInputs(calibration_ids=token_ids))
     with pytest.raises(ConfigError, match=f"layer 1 {message}"):
         plan_pruning(model, scores, 0.2, range(1, 3), attention_unit=unit)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_sequential_refit_runs_each_layer_with_its_own_mask_and_rope(name, tokenizer, token_ids):
+    """Local and global layers get different masks (and, in Gemma 3, rotary tables): layers run on cached
+    inputs, as the sequential re-fit runs them, reproduce the model's own forward pass across types."""
+    from pruneflow.reconstruction import _layer_inputs, _run_layer
+
+    model = _model(name, tokenizer)
+    assert len(set(model.config.layer_types)) == 2 and token_ids.shape[1] > model.config.sliding_window
+    blocks = model.model.layers
+    hidden, arguments = _layer_inputs(model, blocks, 0, 3, token_ids, 2, CPU)
+    batches = list(zip(hidden, arguments[0], strict=True))
+    with torch.no_grad():
+        for i in range(4):
+            outputs = _run_layer(blocks[i], batches, None, None)
+            if i < 3:
+                batches = list(zip(outputs, arguments[i + 1], strict=True))
+        logits = model.lm_head(model.model.norm(torch.cat(outputs)))
+        if model.config.final_logit_softcapping:
+            cap = model.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+    torch.testing.assert_close(logits, _logits(model, token_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_refusal_after_scoring_hands_the_model_back_as_it_came(tokenizer):
+    """Phi-3 (one query head per KV head) with query_head: refused before any forward pass; and a
+    refusal raised later (servable head counts) still leaves the caller's fused modules, dtype and mode."""
+    from pruneflow import prune
+
+    texts = ["Pruning removes attention heads and channels. " * 8] * 8
+    model = _model("phi3", tokenizer).to(torch.bfloat16).train()
+    names = [name for name, _ in model.named_parameters()]
+    settings = {"calibration": {"num_samples": 4, "seq_len": 24}, "activations": {"max_tokens": 64},
+                "prune": {"layer_start": 1, "layer_end": -1}}
+    with pytest.raises(ConfigError, match="one query head per KV head"):
+        prune(model, tokenizer, texts, criterion="taylor_element1", ratio=0.2,
+              params={**settings, "prune": {**settings["prune"], "attention_unit": "query_head"}})
+    model = _model("llama3", tokenizer).to(torch.bfloat16).train()
+    names = [name for name, _ in model.named_parameters()]
+    with pytest.raises(ConfigError, match="would leave 6 query heads, which LlamaConfig refuses"):
+        prune(model, tokenizer, texts, criterion="taylor_element1", ratio=0.03, servable=True,
+              params={**settings, "prune": {"attention_unit": "query_head", "structures": ["attention"],
+                                            "reconstruction": "none"}})
+    assert [name for name, _ in model.named_parameters()] == names
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.training
+    phi = _model("phi4_mini", tokenizer).to(torch.bfloat16)
+    fused_names = [name for name, _ in phi.named_parameters()]
+    with pytest.raises(ConfigError, match="would leave"):
+        prune(phi, tokenizer, texts, criterion="l2_magnitude", ratio=0.03, servable=True,
+              params={**settings, "prune": {"attention_unit": "query_head", "structures": ["attention"],
+                                            "reconstruction": "none"}})
+    assert [name for name, _ in phi.named_parameters()] == fused_names  # split for scoring, fused back
+    assert not any(isinstance(module, FusedLinear) for module in phi.modules())
+    assert next(phi.parameters()).dtype == torch.bfloat16
+
+
+def test_servable_head_counts_are_checked_against_the_family_class_after_a_per_layer_prune(tokenizer, token_ids):
+    """Once a per-layer prune has given the config the per-layer class (laxer about head counts), a
+    servable plan is still held to what the family's own class accepts."""
+    model = _model("llama3", tokenizer)
+    scores = get_criterion("l2_magnitude").score(model, ScoringInputs(calibration_ids=token_ids))
+    apply_pruning(model, plan_pruning(model, scores, 0.1, range(1, 3), ("ffn",)))
+    assert type(model.config).__name__ == "PruneflowLlamaConfig"
+    scores = get_criterion("l2_magnitude").score(model, ScoringInputs(calibration_ids=token_ids))
+    with pytest.raises(ConfigError, match="would leave 6 query heads, which LlamaConfig refuses"):
+        plan_pruning(model, scores, 0.03, range(0, 4), ("attention",), attention_unit="query_head", width_multiple=16)

@@ -15,7 +15,6 @@ from torch import nn
 
 from pruneflow.errors import ModelError
 from pruneflow.families import BY_ARCHITECTURE, BY_DECODER_LAYER, BY_MODEL_TYPE, Family, supported_names
-from pruneflow.remote_code.modeling_pruneflow import resize_layer
 from pruneflow.remote_code.modeling_pruneflow import sync_layer_attributes as sync_widths
 from pruneflow.sources import (  # noqa: F401  (config.json-level facts live in the torch-free module)
     SUPPORTED_ARCHITECTURES,
@@ -135,6 +134,21 @@ def check_supported(model: nn.Module) -> Family:
         raise ModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     check_layout(model, family)
     return family
+
+
+def family_config_refusal(model: nn.Module, config=None) -> Exception | None:
+    """What the family's own (vanilla) config class says against `config` (the model's by default): the
+    first validator's error, or None when it accepts. Run on the vanilla validators even when the config
+    is already a per-layer class (whose own validation is laxer about head counts)."""
+    import transformers
+
+    base = getattr(transformers, family_of(model).config_class)
+    for validator in getattr(base, "__class_validators__", ()):
+        try:
+            validator(config if config is not None else model.config)
+        except (ValueError, TypeError) as exc:
+            return exc
+    return None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -299,14 +313,6 @@ def shrink_norm(layer: nn.Module, path: str, keep: torch.Tensor) -> None:
     weight = module.weight
     module.weight = nn.Parameter(weight.data.index_select(0, keep.to(weight.device)).clone(),
                                  requires_grad=weight.requires_grad)
-
-
-def set_layer_shape(layer: nn.Module, shape: LayerShape, head_size: int) -> None:
-    """Replace a layer's resizable modules by (uninitialised) ones of `shape`, for loading weights into
-    (the function the checkpoints' own modeling code runs, on the family's stored layout)."""
-    fused = layer_family(layer)
-    resize_layer(layer, shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size, head_size,
-                 fused.stored_layout())
 
 
 def sync_layer_attributes(layer: nn.Module, shape: LayerShape) -> None:

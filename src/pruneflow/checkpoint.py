@@ -29,12 +29,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pruneflow.architectures import (
     LayerShape,
     check_supported,
-    decoder_layers,
+    family_config_refusal,
     family_of,
     fuse_projections,
     head_dim,
     layer_shapes,
-    set_layer_shape,
     unsupported_architecture,
 )
 from pruneflow.errors import ModelError
@@ -70,15 +69,7 @@ def _vanilla_config_accepts(model: nn.Module) -> bool:
     hidden_size is a multiple of num_attention_heads (a leftover of derived head_dim), which a pruned head
     count need not be (Llama-3.2-1B: 2048 hidden, 24 heads after one head per group): such a checkpoint
     is written with the per-layer-width classes, whose config skips that one check."""
-    import transformers
-
-    base = getattr(transformers, family_of(model).config_class)
-    for validator in getattr(base, "__class_validators__", ()):
-        try:
-            validator(model.config)
-        except (ValueError, TypeError):
-            return False
-    return True
+    return family_config_refusal(model) is None
 
 
 def record_layer_shapes(model: nn.Module) -> list[LayerShape]:
@@ -168,14 +159,6 @@ def save_pruned(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype: to
         tokenizer.save_pretrained(out_dir)
     return out_dir
 
-
-def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape]) -> None:
-    layers = decoder_layers(model)
-    if len(shapes) != len(layers):
-        raise ModelError(f"config lists {len(shapes)} layer shapes for a model with {len(layers)} layers")
-    size = head_dim(model)
-    for layer, shape in zip(layers, shapes, strict=True):
-        set_layer_shape(layer, shape, size)
 
 
 def _check_folder(path: Path) -> dict:

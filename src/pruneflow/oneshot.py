@@ -55,16 +55,18 @@ def calibration_windows(texts: Sequence[str], tokenizer, params: Params) -> torc
 
 def check_prunable(model: nn.Module, criterion: str, ratio: float, params: Params, servable: bool = False) -> Importance:
     """Everything that can be refused before any forward pass: criterion, ratio, family, layer range,
-    bias re-fit. Returns the criterion."""
-    from pruneflow.architectures import check_supported, decoder_layers
+    attention unit, bias re-fit. Returns the criterion."""
+    from pruneflow.architectures import check_supported, layer_shapes
     from pruneflow.config import check_ratio
-    from pruneflow.pruning import check_bias_compensation
+    from pruneflow.pruning import check_attention_unit, check_bias_compensation
     from pruneflow.surgery import layers_to_prune
 
     scorer = get_criterion(criterion, params.score)
     check_ratio(ratio, "ratio")
     check_supported(model)
-    layers_to_prune(len(decoder_layers(model)), params, servable)
+    shapes = layer_shapes(model)
+    layers = layers_to_prune(len(shapes), params, servable)
+    check_attention_unit({i: shapes[i] for i in layers}, params.prune.structures, params.prune.attention_unit)
     if params.prune.reconstruction in BIAS_RECONSTRUCTIONS:
         check_bias_compensation(getattr(model.config, "model_type", None),
                                 f"prune.reconstruction={params.prune.reconstruction!r}")
@@ -102,10 +104,7 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
     the model ends in the dtype it came in. `servable=True` prunes every layer to one width (a vanilla
     config). Save with `pruneflow.save_pruned`.
     """
-    from pruneflow.activations import activation_statistics
-    from pruneflow.importance import score_groups
     from pruneflow.runtime import resolve_device, resolve_dtype
-    from pruneflow.surgery import prune_scored
 
     settings = resolve_params(params)
     scorer = check_prunable(model, criterion, ratio, settings, servable)
@@ -115,6 +114,28 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
     was_training = model.training
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}  # gradient criteria reset them
     model.eval()
+    try:
+        return _prune_in_place(model, tokenizer, calibration_texts, scorer, criterion, ratio, settings, servable,
+                               target, work_dtype)
+    finally:  # refused or done: the caller's model keeps its family's modules, dtype, mode and flags
+        from pruneflow.architectures import fuse_projections
+
+        fuse_projections(model)  # Phi-3: fused qkv_proj / gate_up_proj again
+        model.to(came_as)
+        model.train(was_training)
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable.get(name, True))
+
+
+def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str], scorer: Importance,
+                    criterion: str, ratio: float, settings: Params, servable: bool, target: torch.device,
+                    work_dtype: torch.dtype) -> PruneResult:
+    """`prune`'s work on a model in eval mode (prune restores what it changes)."""
+    from pruneflow.activations import activation_statistics
+    from pruneflow.importance import score_groups
+    from pruneflow.surgery import prune_scored
+
+    came_as = next(model.parameters()).dtype
     ids = calibration_windows(calibration_texts, tokenizer, settings)
     reconstruct = settings.prune.reconstruction != "none"
     with torch.no_grad():
@@ -133,11 +154,4 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
     log.info("pruning %.3g of the parameters", float(ratio))
     summary = prune_scored(model, scores, float(ratio), settings, calibration_ids=ids, activations=activations,
                            servable=servable, device=target)
-    from pruneflow.architectures import fuse_projections
-
-    fuse_projections(model)  # the family's own module tree again (Phi-3: fused qkv_proj / gate_up_proj)
-    model.to(came_as)
-    model.train(was_training)
-    for name, param in model.named_parameters():
-        param.requires_grad_(trainable.get(name, True))
     return PruneResult(summary=summary, scores=scores)

@@ -30,6 +30,7 @@ from pruneflow.architectures import (
     LayerShape,
     count_parameters,
     decoder_layers,
+    family_config_refusal,
     family_of,
     head_dim,
     layer_shape,
@@ -79,6 +80,21 @@ class _LayerUnits:
     ordered_scores: torch.Tensor  # ascending
     order: list[list[int]]  # order[k]: the indices (groups / heads / channels) the k-th unit removes
     max_units: int  # at least one unit stays
+
+
+def check_attention_unit(shapes: Mapping[int, LayerShape], structures: Sequence[str], attention_unit: str) -> None:
+    """Refuse an attention unit some pruned layer cannot lose: whole KV groups with one KV head (MQA),
+    single query heads with one query head per KV head (MHA). `shapes`: pruned layer -> its widths."""
+    if "attention" not in structures:
+        return
+    if attention_unit == "kv_group":
+        single = [i for i, shape in shapes.items() if shape.num_key_value_heads == 1]
+        if single:
+            raise ConfigError(multi_query_message(f"layer {single[0]}"))
+    if attention_unit == "query_head":
+        plain = [i for i, shape in shapes.items() if shape.num_key_value_heads == shape.num_attention_heads]
+        if plain:
+            raise ConfigError(multi_head_message(f"layer {plain[0]}"))
 
 
 def _check_scores(scores: torch.Tensor, what: str) -> None:
@@ -237,14 +253,7 @@ def plan_pruning(
                 f"{scores.ffn[i].numel()} FFN channels but the layer has {shapes[i].num_key_value_heads} / "
                 f"{shapes[i].intermediate_size}; rerun the score stage for this model"
             )
-    if "attention" in structures and attention_unit == "kv_group":
-        single = [i for i in layers if shapes[i].num_key_value_heads == 1]
-        if single:
-            raise ConfigError(multi_query_message(f"layer {single[0]}"))
-    if "attention" in structures and attention_unit == "query_head":
-        plain = [i for i in layers if shapes[i].num_key_value_heads == shapes[i].num_attention_heads]
-        if plain:
-            raise ConfigError(multi_head_message(f"layer {plain[0]}"))
+    check_attention_unit(shapes, structures, attention_unit)
     units: list[_LayerUnits] = []
     for i in layers:
         if "attention" in structures:
@@ -306,20 +315,16 @@ def _check_saved_head_count(model: nn.Module, plan: PruningPlan, blocks: Sequenc
     widths take any count (`checkpoint.record_layer_shapes` writes them with the per-layer classes)."""
     import copy
 
-    validate = getattr(model.config, "validate", None)
-    if validate is None:
-        return
     heads = max(len(plan.kept_query_heads[i]) if i in plan.kept_query_heads else layer_shape(block, size).num_attention_heads
                 for i, block in enumerate(blocks))
     config = copy.deepcopy(model.config)
-    config.num_attention_heads = heads
-    try:
-        config.validate()
-    except Exception as exc:  # transformers' strict-dataclass validation error
-        reason = exc.__cause__ or exc
+    config.__dict__["num_attention_heads"] = heads
+    reason = family_config_refusal(model, config)
+    if reason is not None:
+        family = family_of(model)
         raise ConfigError(f"prune.attention_unit={plan.attention_unit!r} would leave {heads} query heads, which "
-                          f"{type(model.config).__name__} refuses ({reason}); allowed: another ratio or "
-                          "attention_unit ('auto' skips this layout), or prune.structures ['ffn']") from None
+                          f"{family.config_class} refuses ({reason}); allowed: another ratio or "
+                          "attention_unit ('auto' skips this layout), or prune.structures ['ffn']")
 
 
 def _rows_of_heads(heads: Sequence[int], size: int) -> torch.Tensor:

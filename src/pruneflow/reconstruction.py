@@ -352,23 +352,32 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
 
 
 @torch.no_grad()
-def _layer_inputs(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor, batch_size: int,
-                  device) -> list[tuple[torch.Tensor, dict]]:
-    """The hidden states (and the keyword arguments: mask, rotary embeddings) that enter `layer`, per
-    calibration batch; the forward pass stops there. Later layers are then run on these directly."""
-    caught: list[tuple[torch.Tensor, dict]] = []
+def _layer_inputs(model: nn.Module, blocks: nn.ModuleList, first: int, last: int, input_ids: torch.Tensor,
+                  batch_size: int, device) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
+    """The hidden states that enter blocks[first], per calibration batch, and the keyword arguments
+    (mask, rotary embeddings) each layer first..last gets, per batch: families with local and global
+    layers (Gemma 2 and 3) give each layer type its own mask and rotary table, so a layer run on cached
+    inputs must get its own. The forward pass stops at blocks[last]."""
+    hidden: list[torch.Tensor] = []
+    arguments: dict[int, list[dict]] = {i: [] for i in range(first, last + 1)}
 
-    def catch(_module: nn.Module, args: tuple, kwargs: dict):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise StopForward
+    def make_catch(index: int):
+        def catch(_module: nn.Module, args: tuple, kwargs: dict):
+            if index == first:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            arguments[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == last:
+                raise StopForward
 
-    handle = layer.register_forward_pre_hook(catch, with_kwargs=True)
+        return catch
+
+    handles = [blocks[i].register_forward_pre_hook(make_catch(i), with_kwargs=True) for i in range(first, last + 1)]
     try:
         forward_batches(model, input_ids, batch_size, device)
     finally:
-        handle.remove()
-    return caught
+        for handle in handles:
+            handle.remove()
+    return hidden, arguments
 
 
 def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], stop_at: nn.Module | None,
@@ -400,7 +409,8 @@ def _sequential(model, plan, method, damping, calibration_ids, batch_size, devic
 
     blocks = decoder_layers(model)
     layers = sorted(plan.layers)
-    batches = _layer_inputs(model, blocks[layers[0]], calibration_ids, batch_size, device)
+    hidden, arguments = _layer_inputs(model, blocks, layers[0], layers[-1], calibration_ids, batch_size, device)
+    batches = list(zip(hidden, arguments[layers[0]], strict=True))
     hooks = []
     try:
         for i in range(layers[0], layers[-1] + 1):
@@ -427,7 +437,7 @@ def _sequential(model, plan, method, damping, calibration_ids, batch_size, devic
                             lambda _m, _a, out, b=bias: out + b.to(out.device, out.dtype)))
             if i < layers[-1]:
                 outputs = _run_layer(block, batches, None, None)
-                batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches, strict=True)]
+                batches = list(zip(outputs, arguments[i + 1], strict=True))  # the next layer's own mask and rope
     finally:
         for hook in hooks:
             hook.remove()

@@ -310,6 +310,13 @@ def check_lora_targets(model: torch.nn.Module, params: RecoverParams) -> list[st
             )
         if module_name not in resolved:
             resolved.append(module_name)
+    widened = sorted({f"{name} -> {stored[name]}" for name in params.target_modules if name not in available})
+    if widened:
+        import logging
+
+        logging.getLogger(__name__).info(
+            "recover.target_modules on %s: %s (fused matrices: the adapter trains each whole)",
+            type(model).__name__, ", ".join(widened))
     targets = [full for name in resolved for full in available[name]]
     if not targets:
         raise ConfigError(

@@ -60,7 +60,7 @@ def unsupported_architecture(config: dict) -> str | None:
     return None
 
 
-def source_model_type(source: str, base_dir: str | Path = ".") -> str | None:
+def source_model_type(source: str, base_dir: str | Path = ".", revision: str | None = None) -> str | None:
     """The model_type of `model.source` when it can be read at once (the embedded GGUF is a Llama, a local
     folder's or a cached hub model's config.json); None when it cannot (the plan decides without it)."""
     if source == EMBEDDED_SMOLLM2:
@@ -72,17 +72,17 @@ def source_model_type(source: str, base_dir: str | Path = ".") -> str | None:
         with contextlib.suppress(Exception):
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(source, "config.json")
+            cached = try_to_load_from_cache(source, "config.json", revision=revision)
             config_path = Path(cached) if isinstance(cached, str) else config_path
     with contextlib.suppress(OSError, ValueError, AttributeError):
         return json.loads(config_path.read_text()).get("model_type")
     return None
 
 
-def gguf_export_applies(source: str, base_dir: str | Path = ".") -> bool:
+def gguf_export_applies(source: str, base_dir: str | Path = ".", revision: str | None = None) -> bool:
     """Whether the pipeline's export_gguf stage applies to the source's family (unknown: it does, and the
     plan's checks speak for the source)."""
-    family = BY_MODEL_TYPE.get(source_model_type(source, base_dir) or "")
+    family = BY_MODEL_TYPE.get(source_model_type(source, base_dir, revision) or "")
     return family is None or family.gguf_export
 
 

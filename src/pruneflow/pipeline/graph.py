@@ -234,7 +234,7 @@ def is_expansion(stage: Stage, reference: str) -> bool:
 
 def grid_values(params: Params, stage: Stage) -> list[dict[str, str]]:
     """The placeholder values of every instance of a stage ([{}] for a stage without a grid)."""
-    if stage.name == "export_gguf" and not gguf_export_applies(params.model.source):
+    if stage.name == "export_gguf" and not gguf_export_applies(params.model.source, revision=params.model.revision):
         return []  # a family llama.cpp's graphs in our exporter do not cover: no GGUF files
     criteria = list(getattr(params.grid, stage.criteria)) if stage.criteria else [None]
     ratios = [format_ratio(r) for r in params.grid.ratios] if stage.ratios else [None]
@@ -374,6 +374,6 @@ def render_dvc_yaml(params: Params, root: str | Path) -> str:
 
     # export_gguf only for a family the exporter covers (grid_values' rule, the source read relative to root)
     stages = {stage.name: dvc_stage(stage, params, root) for stage in STAGES.values()
-              if stage.name != "export_gguf" or gguf_export_applies(params.model.source, root)}
+              if stage.name != "export_gguf" or gguf_export_applies(params.model.source, root, params.model.revision)}
     text = yaml.safe_dump({"stages": stages}, sort_keys=False, width=1000, default_flow_style=False)
     return DVC_HEADER + text

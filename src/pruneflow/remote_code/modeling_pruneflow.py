@@ -42,6 +42,12 @@ class LayerConfig:
             return widths[name]
         return getattr(self.__dict__["_shared"], name)
 
+    def __setattr__(self, name, value) -> None:
+        if name in self.__dict__["_widths"]:
+            self.__dict__["_widths"][name] = value
+        else:  # a setting written through a layer reaches the shared config, which every layer reads
+            setattr(self.__dict__["_shared"], name, value)
+
 
 def shared_config(config):
     return config.__dict__["_shared"] if isinstance(config, LayerConfig) else config
