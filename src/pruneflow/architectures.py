@@ -16,11 +16,7 @@ from torch import nn
 from pruneflow.errors import ModelError
 from pruneflow.families import BY_ARCHITECTURE, BY_DECODER_LAYER, BY_MODEL_TYPE, Family, supported_names
 from pruneflow.remote_code.modeling_pruneflow import sync_layer_attributes as sync_widths
-from pruneflow.sources import (  # noqa: F401  (config.json-level facts live in the torch-free module)
-    SUPPORTED_ARCHITECTURES,
-    SUPPORTED_MODEL_TYPES,
-    unsupported_architecture,
-)
+from pruneflow.sources import unsupported_architecture  # noqa: F401  (config.json-level, torch-free)
 
 
 @dataclass(frozen=True)
@@ -161,15 +157,11 @@ def head_dim(model: nn.Module) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+@torch.inference_mode(False)
 def _split(layer: nn.Module, family: Family) -> None:
     """Replace the layer's fused projections by `FusedLinear`s of their parts (rows in stored order).
     Runs outside inference mode even when called under it (activation statistics split lazily): the
     parts are ordinary parameters that gradient criteria later train."""
-    with torch.inference_mode(False):
-        _split_fused(layer, family)
-
-
-def _split_fused(layer: nn.Module, family: Family) -> None:
     for path, parts in family.fused.items():
         module = layer.get_submodule(path)
         if isinstance(module, FusedLinear):
@@ -234,11 +226,6 @@ def set_projection(layer: nn.Module, name: str, linear: nn.Linear) -> None:
 def sliced_norms(layer: nn.Module) -> dict[str, str]:
     """Norms whose weight spans a whole q or kv projection output: path -> 'q' | 'kv'."""
     return dict(layer_family(layer).sliced_norms)
-
-
-def attention_module(layer: nn.Module) -> nn.Module:
-    """The module holding the attention projections (the parent of o_proj)."""
-    return layer.get_submodule(layer_family(layer).projections["o_proj"].rsplit(".", 1)[0])
 
 
 def _stored_width(layer: nn.Module, family: Family, name: str) -> int:

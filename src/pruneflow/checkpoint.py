@@ -64,14 +64,6 @@ def _register() -> None:
 _register()
 
 
-def _vanilla_config_accepts(model: nn.Module) -> bool:
-    """Whether the family's own config class validates these widths. Llama's and Gemma's check that
-    hidden_size is a multiple of num_attention_heads (a leftover of derived head_dim), which a pruned head
-    count need not be (Llama-3.2-1B: 2048 hidden, 24 heads after one head per group): such a checkpoint
-    is written with the per-layer-width classes, whose config skips that one check."""
-    return family_config_refusal(model) is None
-
-
 def record_layer_shapes(model: nn.Module) -> list[LayerShape]:
     """Write the model's real per-layer widths into its config: vanilla when every layer has the same
     widths and the family's config accepts them, else the per-layer-width keys (shapes and layout)."""
@@ -86,7 +78,10 @@ def record_layer_shapes(model: nn.Module) -> list[LayerShape]:
         config.num_key_value_heads = shape.num_key_value_heads
         config.intermediate_size = shape.intermediate_size
     family = family_of(model)
-    if uniform and _vanilla_config_accepts(model):
+    # the family's own class may refuse uniform widths too: Llama's and Gemma's hidden_size % heads check
+    # (Llama-3.2-1B: 2048 hidden, 24 heads after one head per group), Phi-3's longrope rotary width;
+    # such checkpoints are written with the per-layer classes, which validate as if the heads were unpruned
+    if uniform and family_config_refusal(model) is None:
         for key in (LAYER_SHAPES_KEY, LAYOUT_KEY):
             if hasattr(config, key):
                 delattr(config, key)

@@ -15,7 +15,7 @@ over the planner.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +40,10 @@ class Layout:
         return "+".join(self.attention_unit if s == "attention" else s for s in self.structures)
 
 
-def layouts_to_try(structures: Sequence[str], attention_unit: str, multi_query: bool = False,
-                   multi_head: bool = False) -> list[Layout]:
+def layouts_to_try(structures: Sequence[str], attention_unit: str, ruled_out: Collection[str] = ()) -> list[Layout]:
     """The candidates `attention_unit` stands for within the allowed `structures` (one unless it is auto).
-    `multi_query`: a pruned layer has one KV head, so whole KV groups are not a candidate;
-    `multi_head`: one has a KV head per query head, so single query heads are not."""
+    `ruled_out`: attention units some pruned layer cannot lose (`pruneflow.families.ruled_out_units`:
+    KV groups under MQA, query heads under MHA), which are no candidates."""
     structures = tuple(structures)
     if attention_unit != AUTO:
         return [Layout(structures, attention_unit)]
@@ -52,8 +51,7 @@ def layouts_to_try(structures: Sequence[str], attention_unit: str, multi_query: 
     if "ffn" in structures:
         candidates.append(Layout(("ffn",), "kv_group"))  # attention untouched
     if "attention" in structures:
-        candidates += [] if multi_query else [Layout(structures, "kv_group")]
-        candidates += [] if multi_head else [Layout(structures, "query_head")]
+        candidates += [Layout(structures, unit) for unit in ("kv_group", "query_head") if unit not in ruled_out]
     return candidates
 
 

@@ -58,7 +58,8 @@ def check_prunable(model: nn.Module, criterion: str, ratio: float, params: Param
     attention unit, bias re-fit. Returns the criterion."""
     from pruneflow.architectures import check_supported, layer_shapes
     from pruneflow.config import check_ratio
-    from pruneflow.pruning import check_attention_unit, check_bias_compensation
+    from pruneflow.families import check_attention_unit
+    from pruneflow.pruning import check_bias_compensation
     from pruneflow.surgery import layers_to_prune
 
     scorer = get_criterion(criterion, params.score)
@@ -66,7 +67,8 @@ def check_prunable(model: nn.Module, criterion: str, ratio: float, params: Param
     check_supported(model)
     shapes = layer_shapes(model)
     layers = layers_to_prune(len(shapes), params, servable)
-    check_attention_unit({i: shapes[i] for i in layers}, params.prune.structures, params.prune.attention_unit)
+    check_attention_unit({f"layer {i}": shapes[i] for i in layers}, params.prune.structures,
+                         params.prune.attention_unit)
     if params.prune.reconstruction in BIAS_RECONSTRUCTIONS:
         check_bias_compensation(getattr(model.config, "model_type", None),
                                 f"prune.reconstruction={params.prune.reconstruction!r}")

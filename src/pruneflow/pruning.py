@@ -43,7 +43,7 @@ from pruneflow.architectures import (
 )
 from pruneflow.config import ALLOCATIONS, ATTENTION_UNITS, check_ratio
 from pruneflow.errors import ConfigError, DataError
-from pruneflow.families import PROJECTIONS, multi_head_message, multi_query_message
+from pruneflow.families import PROJECTIONS, check_attention_unit
 from pruneflow.groups import attention_group_params, ffn_channel_params, query_head_params
 from pruneflow.importance.base import COMMON_SCALE_KEY, GroupScores
 from pruneflow.sources import BIAS_MODEL_TYPES
@@ -80,21 +80,6 @@ class _LayerUnits:
     ordered_scores: torch.Tensor  # ascending
     order: list[list[int]]  # order[k]: the indices (groups / heads / channels) the k-th unit removes
     max_units: int  # at least one unit stays
-
-
-def check_attention_unit(shapes: Mapping[int, LayerShape], structures: Sequence[str], attention_unit: str) -> None:
-    """Refuse an attention unit some pruned layer cannot lose: whole KV groups with one KV head (MQA),
-    single query heads with one query head per KV head (MHA). `shapes`: pruned layer -> its widths."""
-    if "attention" not in structures:
-        return
-    if attention_unit == "kv_group":
-        single = [i for i, shape in shapes.items() if shape.num_key_value_heads == 1]
-        if single:
-            raise ConfigError(multi_query_message(f"layer {single[0]}"))
-    if attention_unit == "query_head":
-        plain = [i for i, shape in shapes.items() if shape.num_key_value_heads == shape.num_attention_heads]
-        if plain:
-            raise ConfigError(multi_head_message(f"layer {plain[0]}"))
 
 
 def _check_scores(scores: torch.Tensor, what: str) -> None:
@@ -253,7 +238,7 @@ def plan_pruning(
                 f"{scores.ffn[i].numel()} FFN channels but the layer has {shapes[i].num_key_value_heads} / "
                 f"{shapes[i].intermediate_size}; rerun the score stage for this model"
             )
-    check_attention_unit(shapes, structures, attention_unit)
+    check_attention_unit({f"layer {i}": shapes[i] for i in layers}, structures, attention_unit)
     units: list[_LayerUnits] = []
     for i in layers:
         if "attention" in structures:

@@ -27,6 +27,7 @@ def prune_scored(model: nn.Module, scores: GroupScores, ratio: float, params: Pa
     """Remove the lowest-scored groups of `model` (in place) so that `ratio` of all parameters goes,
     re-fit what stays, and return the summary (`pruning_summary.json`) with measured counts."""
     from pruneflow.architectures import count_parameters, layer_shapes
+    from pruneflow.families import ruled_out_units
     from pruneflow.layout_search import calibration_loss, choose_layout, layouts_to_try
     from pruneflow.pruning import plan_pruning
     from pruneflow.reconstruction import prune_and_reconstruct
@@ -36,9 +37,8 @@ def prune_scored(model: nn.Module, scores: GroupScores, ratio: float, params: Pa
     allocation = "uniform" if servable else settings.allocation
     width_multiple = settings.servable_multiple if servable else None
     shapes_before = layer_shapes(model)
-    multi_query = any(shapes_before[i].num_key_value_heads == 1 for i in layers)
-    multi_head = any(shapes_before[i].num_key_value_heads == shapes_before[i].num_attention_heads for i in layers)
-    candidates = layouts_to_try(settings.structures, settings.attention_unit, multi_query, multi_head)
+    ruled_out = ruled_out_units({f"layer {i}": shapes_before[i] for i in layers})
+    candidates = layouts_to_try(settings.structures, settings.attention_unit, ruled_out)
     if settings.reconstruction == "none":
         activations = None
 

@@ -48,17 +48,15 @@ def check_model(params: Params, root: str | Path) -> dict:
             f"prune.reconstruction={params.prune.reconstruction!r} needs output biases on o_proj/down_proj, which "
             f"model_type={config.get('model_type')!r} cannot express in its config; allowed for: "
             f"{', '.join(BIAS_MODEL_TYPES)} (set prune.reconstruction to 'least_squares' or 'none')")
-    settings = params.prune
-    if (config.get("num_key_value_heads") == 1 and "attention" in settings.structures
-            and settings.attention_unit == "kv_group"):
-        from pruneflow.families import multi_query_message
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv_heads, int):
+        from types import SimpleNamespace
 
-        raise ConfigError(multi_query_message(f"model.source={params.model.source!r}"))
-    if (config.get("num_key_value_heads") and config.get("num_key_value_heads") == config.get("num_attention_heads")
-            and "attention" in settings.structures and settings.attention_unit == "query_head"):
-        from pruneflow.families import multi_head_message
+        from pruneflow.families import check_attention_unit
 
-        raise ConfigError(multi_head_message(f"model.source={params.model.source!r}"))
+        shape = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv_heads)
+        check_attention_unit({f"model.source={params.model.source!r}": shape}, params.prune.structures,
+                             params.prune.attention_unit)
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int):
         check_lengths(params, positions, f"model.source={params.model.source!r}")
