@@ -174,3 +174,27 @@ def test_recovery_benchmark_compares_recipes_at_equal_steps_and_equal_time(tmp_p
     assert "| kd | distill | full | train.txt | 0.001 | 3 |" in text_md
     with pytest.raises(SystemExit, match="unknown recover key 'lora_rank'"):
         bench.recover_params(load_params(tmp_path / "params.yaml").recover, {"lora_rank": "4"}, None)
+
+
+def test_scaling_benchmark_arithmetic_and_table():
+    """The 7B / 70B table is memory_need on the published shapes; the report renders measured rows."""
+    scaling = _load("scaling")
+    rows = scaling.large_model_arithmetic(calibration_tokens=65536, ppl_tokens=340_000)
+    by = {(r["model"], r["pass"]): r for r in rows}
+    seven = by[("Llama-2-7B", "cache_activations")]
+    assert seven["params"] == 6_738_415_616
+    # (bf16 weights + hidden states in and out of a layer) x 1.25
+    assert seven["whole_model"] == round((2 * 6_738_415_616 + 65536 * 4096 * 2 * 2) * 1.25 / 1e9, 2)
+    assert seven["whole_model_fits_80gb"] and seven["layer_by_layer_fits_80gb"]
+    seventy = by[("Llama-3-70B", "score taylor (mean gradient)")]
+    assert not seventy["whole_model_fits_80gb"] and seventy["layer_by_layer_fits_80gb"]
+    assert seventy["layer_by_layer"] < seventy["whole_model"] / 10
+    report = {"command": "cmd", "device": "cpu", "samples": 2, "seq_len": 8, "criterion": "taylor_element1",
+              "large_models": rows,
+              "rows": [{"layers": 2, "params": 2 * 10**8, "same_output": {"activations": True, "scores": False},
+                        "stages": {"whole_model": {s: {"peak_rss_gb": 1.5, "seconds": 2.0} for s in scaling.STAGES},
+                                   "layer_by_layer": {"cache_activations": {"error": "boom"}}}}]}
+    table = scaling._markdown(report)
+    assert "| 2 | 0.20 | cache_activations | 1.5 / 2.0 | failed: boom |" in table
+    assert "2 layers: activations yes, scores NO" in table
+    assert "| Llama-3-70B (70.6B) | score taylor (mean gradient) | 65536 |" in table

@@ -290,11 +290,45 @@ def test_history_schedule_and_determinism(tok, data_file):
     assert all(h["tokens"] > 0 for h in steps)
     rates = [h["learning_rate"] for h in steps]
     assert rates[0] == pytest.approx(1e-3) and rates == sorted(rates, reverse=True) and rates[-1] > 0
+    # the trainer's scheduler is learning_rate_at: each step logs the rate it ran with
+    assert rates == pytest.approx([recovery.learning_rate_at(s, 12, 1, 1e-3) for s in range(12)], rel=1e-12)
+    assert all(h["grad_norm"] > 0 for h in steps)
     assert [h["loss"] for h in first.history if "loss" in h] == [
         h["loss"] for h in second.history if "loss" in h
     ]
     assert first.history == second.history
     assert [h["loss"] for h in other.history if "loss" in h] != [h["loss"] for h in steps]
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch(tok, data_file, monkeypatch):
+    """Trainer's seeded sampler: epoch e visits the training examples in torch.randperm order seeded with
+    seed + e (one process, or the same permutation split by micro-batch across processes)."""
+    batches: list[list[tuple[int, ...]]] = []
+    pad_batch = recovery.pad_batch
+
+    def recording(features, pad_id):
+        batches.append([tuple(f["input_ids"]) for f in features])
+        return pad_batch(features, pad_id)
+
+    monkeypatch.setattr(recovery, "pad_batch", recording)
+    params = _params(data_file, max_steps=None, num_epochs=2.0, val_size=8, max_train_samples=12)
+    train, val = _split(data_file, params)
+    tokenized = tokenize_for_training(train, tok, cutoff_len=params.cutoff_len, train_on_inputs=True)
+    rows = {tuple(ids): i for i, ids in enumerate(tokenized["input_ids"])}
+    assert len(rows) == 12
+
+    def order(seed: int) -> list[int]:
+        batches.clear()
+        train_recovery(tiny_model("llama", vocab_size=len(tok)), tok, tokenized, None, params, seed=seed,
+                       device=CPU, dtype=torch.float32, progress=False)
+        return [rows[ids] for batch in batches for ids in batch]
+
+    seen = order(seed=3)
+    assert len(seen) == 24 and sorted(seen[:12]) == sorted(seen[12:]) == list(range(12))  # 2 epochs, each whole
+    for epoch in (0, 1):
+        expected = torch.randperm(12, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+        assert seen[12 * epoch:12 * (epoch + 1)] == expected
+    assert order(seed=3) == seen and order(seed=4) != seen
 
 
 def test_learning_rate_schedule():
@@ -545,3 +579,88 @@ def test_full_recovery_trains_every_parameter_and_keeps_the_dtype(tok, data_file
     # a bf16 model trains in float32 and comes back in bf16
     half = _run(tiny_model("llama", vocab_size=len(tok)).to(torch.bfloat16), tok, data_file, params).model
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+# ------------------------------------------------------------------ trainer options, checkpoints, resume
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(tok, data_file):
+    """Each layer's MLP runs twice per training micro-batch (forward, then again in the backward pass),
+    and the history and weights are those without it (dropout included: the RNG state is replayed)."""
+
+    def run(checkpointing: bool):
+        model = tiny_model("llama", vocab_size=len(tok))
+        calls = [0]
+        counter = model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        params = _params(data_file, max_steps=3, val_size=0, gradient_checkpointing=checkpointing)
+        result = _run(model, tok, data_file, params)
+        counter.remove()
+        return result, calls[0]
+
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = run(False), run(True)
+    assert plain_calls == 3 * 2 and checkpointed_calls == 2 * plain_calls  # 3 steps x 2 micro-batches
+    assert checkpointed.history == plain.history
+    for (name, value), (_, expected) in zip(checkpointed.model.state_dict().items(), plain.model.state_dict().items(),
+                                            strict=True):
+        torch.testing.assert_close(value, expected, atol=0, rtol=0, msg=name)
+    assert not checkpointed.model.is_activation_checkpointing  # switched off again for the caller
+    _assert_plain(checkpointed.model)
+
+
+def test_batch_size_must_split_over_the_processes(tok, data_file, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    model = tiny_model("llama", vocab_size=len(tok))
+    with pytest.raises(ConfigError, match=r"recover\.batch_size=4 is not allowed with 3 processes; allowed: a "
+                                          r"multiple of recover\.micro_batch_size x processes = 6"):
+        _run(model, tok, data_file, _params(data_file))
+    _assert_plain(model)
+
+
+def test_non_finite_loss_stops_training_naming_the_learning_rate(tok, data_file):
+    model = tiny_model("llama", vocab_size=len(tok))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # every logit row has a NaN: the loss is NaN from step 1
+    logged: list[dict] = []
+    with pytest.raises(ConfigError, match=r"recover\.learning_rate=0\.001 made training diverge \(non-finite loss "
+                                          r"at step 1\); allowed: a smaller learning rate"):
+        _run(model, tok, data_file, _params(data_file, val_size=0), on_log=logged.append)
+    assert [h["step"] for h in logged] == [1]  # stopped at once, not after max_steps
+    _assert_plain(model)
+
+
+def test_interrupted_training_resumes_exactly_from_its_state_folder(tok, data_file, tmp_path, caplog):
+    """Full fine-tuning stopped by an error after step 5 resumes from the checkpoint of step 4 to the
+    uninterrupted result; a state folder of other settings is started afresh; no checkpoint is saved
+    after the last step (the output comes next)."""
+    params = _params(data_file, method="full", max_steps=9, eval_every_steps=3, save_every_steps=2,
+                     learning_rate=1e-3)
+    reference = _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, params)
+    state = tmp_path / "out.state"
+
+    def stop_after_step_5(entry: dict) -> None:
+        if entry.get("step") == 5 and "loss" in entry:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, params, state_dir=state,
+             on_log=stop_after_step_5)
+    assert sorted(p.name for p in state.iterdir()) == ["checkpoint-4", "fingerprint.txt"]
+
+    replayed: list[dict] = []
+    resumed = _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, params, state_dir=state,
+                   on_log=replayed.append)
+    assert resumed.resumed_from_step == 4
+    assert resumed.history == reference.history and replayed == reference.history  # MLflow gets the whole curve
+    assert (resumed.best_step, resumed.best_val_loss) == (reference.best_step, reference.best_val_loss)
+    for (name, value), (_, expected) in zip(resumed.model.state_dict().items(), reference.model.state_dict().items(),
+                                            strict=True):
+        torch.testing.assert_close(value, expected, atol=0, rtol=0, msg=name)
+    assert sorted(p.name for p in state.iterdir()) == ["checkpoint-8", "fingerprint.txt"]  # none at step 9
+
+    other = _params(data_file, method="full", max_steps=9, eval_every_steps=3, save_every_steps=2,
+                    learning_rate=2e-3)
+    with caplog.at_level("INFO", logger="pruneflow.recovery"):
+        fresh = _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, other, state_dir=state)
+    assert "was written by other settings or inputs" in caplog.text and "starting fresh" in caplog.text
+    assert fresh.resumed_from_step == 0
+    assert fresh.history == _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, other).history

@@ -17,8 +17,10 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from pruneflow import layerwise
 from pruneflow.architectures import decoder_layers, projection
 from pruneflow.gram import GramAccumulator
+from pruneflow.layerwise import LayerWeights
 
 # statistic -> the logical projection whose input it is (q/k/v and gate/up share theirs)
 HOOKED_INPUTS = {
@@ -41,8 +43,13 @@ def collect_activation_stats(
     seed: int,
     device: torch.device | str = "cpu",
     gram_matrices: bool = False,
+    layer_weights: LayerWeights | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the calibration ids through the model once and return the named statistics."""
+    """Run the calibration ids through the model once and return the named statistics.
+
+    With `layer_weights` the pass runs one decoder layer at a time (`pruneflow.layerwise`); every
+    statistic is accumulated in the same order, so both paths give the same tensors.
+    """
     num_samples, seq_len = input_ids.shape
     total_tokens = num_samples * seq_len
     generator = torch.Generator().manual_seed(seed)
@@ -52,7 +59,11 @@ def collect_activation_stats(
     squares: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = defaultdict(list)
     grams: dict[str, GramAccumulator] = defaultdict(GramAccumulator)
-    batch_offset = [0]
+    chunks = input_ids.split(batch_size)
+    offsets = [0]
+    for chunk in chunks:
+        offsets.append(offsets[-1] + chunk.numel())
+    current_batch = [0]
 
     def make_hook(key: str):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -63,7 +74,7 @@ def collect_activation_stats(
             if name in SAMPLED_INPUTS and gram_matrices:
                 grams[key].add(args[0])
             if name in SAMPLED_INPUTS:
-                start = batch_offset[0]
+                start = offsets[current_batch[0]]
                 local = sampled_positions[(sampled_positions >= start) & (sampled_positions < start + x.shape[0])] - start
                 samples[key].append(x[local.to(x.device)].float().cpu())
 
@@ -75,17 +86,23 @@ def collect_activation_stats(
             module = projection(layer, logical)
             handles.append(module.register_forward_pre_hook(make_hook(f"layers.{index}.{name}")))
     try:
-        chunks = input_ids.split(batch_size)
-        # progress as log lines: with a tqdm bar around this loop, the peak memory of this function on
-        # SmolLM2-135M (fp32, CPU, 48 calibration sequences x 128 tokens, batch 4, Gram matrices on) went
-        # from 2.2 to 5.2 GB (peak RSS of one process, bar on vs PRUNEFLOW_PROGRESS=0; cause not found);
-        # the full 512-sequence cache then outgrew a 24 GB machine
-        step = max(1, len(chunks) // 10)
-        for done, chunk in enumerate(chunks, start=1):
-            model(input_ids=chunk.to(device), use_cache=False)
-            batch_offset[0] += chunk.numel()
-            if done % step == 0 or done == len(chunks):
-                log.info("activation statistics: %d / %d batches", done, len(chunks))
+        if layer_weights is not None:
+            def before_batch(batch: int) -> None:
+                current_batch[0] = batch
+
+            layerwise.forward(model, input_ids, batch_size=batch_size, device=device, weights=layer_weights,
+                              before_batch=before_batch)
+        else:
+            # progress as log lines: with a tqdm bar around this loop, the peak memory of this function on
+            # SmolLM2-135M (fp32, CPU, 48 calibration sequences x 128 tokens, batch 4, Gram matrices on) went
+            # from 2.2 to 5.2 GB (peak RSS of one process, bar on vs PRUNEFLOW_PROGRESS=0; cause not found);
+            # the full 512-sequence cache then outgrew a 24 GB machine
+            step = max(1, len(chunks) // 10)
+            for done, chunk in enumerate(chunks, start=1):
+                current_batch[0] = done - 1
+                model(input_ids=chunk.to(device), use_cache=False)
+                if done % step == 0 or done == len(chunks):
+                    log.info("activation statistics: %d / %d batches", done, len(chunks))
     finally:
         for handle in handles:
             handle.remove()
@@ -123,7 +140,7 @@ def load_activation_stats(path, needed_by: str) -> dict[str, torch.Tensor]:
 
 
 def activation_statistics(model: nn.Module, calibration_ids: torch.Tensor, params,
-                          device: torch.device) -> dict[str, torch.Tensor]:
+                          device: torch.device, layer_weights: LayerWeights | None = None) -> dict[str, torch.Tensor]:
     """`collect_activation_stats` with the `activations` settings and the seed of `params` (a `Params`):
     what the cache_activations stage stores and `pruneflow.prune` computes in memory."""
     from pruneflow.runtime import seed_everything
@@ -132,4 +149,4 @@ def activation_statistics(model: nn.Module, calibration_ids: torch.Tensor, param
     settings = params.activations
     return collect_activation_stats(model, calibration_ids, batch_size=settings.batch_size,
                                     max_tokens=settings.max_tokens, seed=params.seed, device=device,
-                                    gram_matrices=settings.gram_matrices)
+                                    gram_matrices=settings.gram_matrices, layer_weights=layer_weights)

@@ -174,19 +174,24 @@ def _check_folder(path: Path) -> dict:
     return raw
 
 
-def model_skeleton(path: str | Path) -> nn.Module:
+def model_skeleton(path: str | Path, *, dtype: torch.dtype | None = None, buffers: bool = False) -> nn.Module:
     """The checkpoint's module tree with its real widths on the meta device: shapes, no weights read.
 
     Lets settings that depend on the model (LoRA rank, targets) be checked before anything heavy runs.
+    With `buffers`, the buffers a module computes at init (rotary tables) are real tensors on the CPU,
+    as layer-by-layer loading needs; `dtype` is the dtype from_pretrained would build the model in.
     """
+    from accelerate import init_empty_weights
+
     path = Path(path)
     _check_folder(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{path}/config.json is not a usable model config: {exc}") from exc
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    empty = init_empty_weights(include_buffers=False) if buffers else torch.device("meta")
+    with empty:
+        return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def load_pruned(path: str | Path, *, dtype: Any = torch.float32, device: torch.device | str | None = None,

@@ -83,8 +83,13 @@ def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
 class RuntimeParams:
     device: str = "auto"
     dtype: str = "auto"
+    # whole_model: the model on the device at once; layer_by_layer: forward-only stages bring one decoder
+    # layer at a time to the device (weights on disk or in host memory); auto: whole_model when it fits
+    execution: str = "auto"
 
     def validate(self, prefix: str) -> None:
+        if self.execution not in ("auto", "whole_model", "layer_by_layer"):
+            _fail(f"{prefix}.execution", self.execution, "'auto', 'whole_model', 'layer_by_layer'")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             _fail(f"{prefix}.device", self.device, "'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -277,6 +282,9 @@ class RecoverParams:
     max_train_samples: int | None = None
     warmup_steps: int = 100
     eval_every_steps: int = 200
+    # a resumable checkpoint (in .<out>.state/) every this many optimizer steps; null: every eval_every_steps
+    save_every_steps: int | None = None
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     objective: str = "distill"
     method: str = "full"
     distill_temperature: float = 1.0
@@ -327,6 +335,8 @@ class RecoverParams:
         if self.warmup_steps < 0:
             _fail(f"{prefix}.warmup_steps", self.warmup_steps, "an integer >= 0")
         _check_positive(f"{prefix}.eval_every_steps", self.eval_every_steps)
+        if self.save_every_steps is not None:
+            _check_positive(f"{prefix}.save_every_steps", self.save_every_steps)
 
 
 @dataclass(frozen=True)

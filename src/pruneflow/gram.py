@@ -77,23 +77,27 @@ def cached_gram(activations: Mapping[str, torch.Tensor] | None, layer_index: int
 
 def gram_matrices(model: nn.Module, targets: Sequence[tuple[int, str]], *,
                   activations: Mapping[str, torch.Tensor] | None, calibration_ids: torch.Tensor | None,
-                  batch_size: int, device: torch.device | str = "cpu") -> dict[tuple[int, str], GramAccumulator]:
+                  batch_size: int, device: torch.device | str = "cpu",
+                  layer_weights=None) -> dict[tuple[int, str], GramAccumulator]:
     """Gram matrices of the dense inputs: from the activation cache where it holds them, else by a
-    forward pass over the calibration ids."""
+    forward pass over the calibration ids (one layer at a time with `layer_weights`)."""
     found = {t: cached_gram(activations, *t) for t in targets}
     missing = [t for t, acc in found.items() if acc is None]
     if missing:
         if calibration_ids is None:
             raise ValueError(f"no cached Gram matrix for {missing[0]} and no calibration ids to compute one")
-        found.update(collect_grams(model, calibration_ids, missing, batch_size=batch_size, device=device))
+        found.update(collect_grams(model, calibration_ids, missing, batch_size=batch_size, device=device,
+                                   layer_weights=layer_weights))
     return found
 
 
 @torch.no_grad()
 def collect_grams(model: nn.Module, input_ids: torch.Tensor, targets: Sequence[tuple[int, str]], *,
-                  batch_size: int, device: torch.device | str = "cpu") -> dict[tuple[int, str], GramAccumulator]:
+                  batch_size: int, device: torch.device | str = "cpu",
+                  layer_weights=None) -> dict[tuple[int, str], GramAccumulator]:
     """Gram matrices of the inputs of the named projections ((layer, "o_proj" | "down_proj")) over the
-    calibration ids; the forward pass stops after the last one (later layers are never run)."""
+    calibration ids; the forward pass stops after the last one (later layers are never run). With
+    `layer_weights` (`pruneflow.layerwise`) the pass runs one layer at a time, up to the last target."""
     blocks = decoder_layers(model)
     wanted = sorted(set(targets), key=lambda t: (t[0], PROJECTIONS.index(t[1])))
     accumulators = {t: GramAccumulator() for t in wanted}
@@ -103,7 +107,7 @@ def collect_grams(model: nn.Module, input_ids: torch.Tensor, targets: Sequence[t
     def make_hook(target: tuple[int, str]):
         def hook(_module: nn.Module, args: tuple) -> None:
             accumulators[target].add(args[0])
-            if target == last:
+            if target == last and layer_weights is None:
                 raise StopForward
 
         return hook
@@ -111,7 +115,13 @@ def collect_grams(model: nn.Module, input_ids: torch.Tensor, targets: Sequence[t
     for target in wanted:
         handles.append(projection_of(blocks[target[0]], target[1]).register_forward_pre_hook(make_hook(target)))
     try:
-        forward_batches(model, input_ids, batch_size, device)
+        if layer_weights is None:
+            forward_batches(model, input_ids, batch_size, device)
+        else:
+            from pruneflow import layerwise
+
+            layerwise.forward(model, input_ids, batch_size=batch_size, device=device, weights=layer_weights,
+                              layers=range(last[0] + 1))
     finally:
         for handle in handles:
             handle.remove()

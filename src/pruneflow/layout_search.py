@@ -56,12 +56,13 @@ def layouts_to_try(structures: Sequence[str], attention_unit: str, ruled_out: Co
 
 
 def calibration_loss(model: nn.Module, calibration_ids: torch.Tensor, samples: int, batch_size: int,
-                     device: torch.device | str = "cpu") -> float:
+                     device: torch.device | str = "cpu", layer_weights=None) -> float:
     """Mean next-token loss on the first `samples` calibration sequences (each its own window)."""
     from pruneflow.perplexity import perplexity
 
     ids = calibration_ids[:samples]
-    result = perplexity(model, ids.reshape(-1), seq_len=ids.shape[1], batch_size=batch_size, device=device)
+    result = perplexity(model, ids.reshape(-1), seq_len=ids.shape[1], batch_size=batch_size, device=device,
+                        layer_weights=layer_weights)
     return float(torch.tensor(result.ppl).log())
 
 

@@ -135,25 +135,37 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
     """`prune`'s work on a model in eval mode (prune restores what it changes)."""
     from pruneflow.activations import activation_statistics
     from pruneflow.importance import score_groups
+    from pruneflow.layerwise import ResidentWeights, choose_execution
     from pruneflow.surgery import prune_scored
 
     came_as = next(model.parameters()).dtype
+    home = next(model.parameters()).device
     ids = calibration_windows(calibration_texts, tokenizer, settings)
     reconstruct = settings.prune.reconstruction != "none"
+    # a model too big for `target` stays where it is and its layers visit the device one at a time
+    execution = settings.runtime.execution
+    if execution == "auto" and home == target:
+        execution = "whole_model"  # already on the device: nothing to fit
+    gradients = ("fisher" if getattr(scorer, "uses_fisher", False)
+                 else "mean" if scorer.needs_gradients else "none")
+    execution = choose_execution(execution, model, work_dtype, target, tokens=ids.numel(), gradients=gradients,
+                                 what=f"pruneflow.prune with {criterion}")
+    layer_weights = ResidentWeights(home) if execution == "layer_by_layer" else None
     with torch.no_grad():
-        working = model.to(target)
+        working = model if layer_weights is not None else model.to(target)
         if work_dtype != came_as:  # measure in runtime.dtype, as the pipeline's stages load the model
             working = copy.deepcopy(model).to(work_dtype)
     activations = None
     if scorer.needs_activations or reconstruct:
         log.info("activation statistics on %d x %d calibration tokens", *ids.shape)
-        activations = activation_statistics(working, ids, settings, target)
+        activations = activation_statistics(working, ids, settings, target, layer_weights=layer_weights)
     log.info("scoring groups with %s", criterion)
-    scores = score_groups(working, criterion, ids, activations, settings, target, work_dtype)
+    scores = score_groups(working, criterion, ids, activations, settings, target, work_dtype,
+                          layer_weights=layer_weights)
     scores.metadata.setdefault("criterion", criterion)
     del working
     model.float()  # exact surgery and solves, as the prune stage does
     log.info("pruning %.3g of the parameters", float(ratio))
     summary = prune_scored(model, scores, float(ratio), settings, calibration_ids=ids, activations=activations,
-                           servable=servable, device=target)
+                           servable=servable, device=target, layer_weights=layer_weights)
     return PruneResult(summary=summary, scores=scores)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pruneflow import layerwise
 from pruneflow.architectures import decoder_layers
 from pruneflow.architectures import layer_shape as layer_shape_of
 from pruneflow.config import BIAS_RECONSTRUCTIONS, RECONSTRUCTION_MODES, RECONSTRUCTIONS
@@ -39,6 +40,7 @@ from pruneflow.gram import (
     gram_matrices,
     projection_of,
 )
+from pruneflow.layerwise import InPlace, LayerWeights
 
 
 def damping_value(gram: torch.Tensor, damping: float) -> float:
@@ -286,7 +288,8 @@ def _write_kept(linear: nn.Linear, refit: LayerRefit) -> None:
 def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, damping: float,
                           calibration_ids: torch.Tensor | None, batch_size: int,
                           device: torch.device | str = "cpu",
-                          activations: Mapping[str, torch.Tensor] | None = None) -> ReconstructionResult:
+                          activations: Mapping[str, torch.Tensor] | None = None,
+                          layer_weights: LayerWeights | None = None) -> ReconstructionResult:
     """Apply `plan` in place, re-fitting o_proj / down_proj of every pruned layer by `method`.
 
     parallel: every layer is re-fitted on the dense model's inputs (the activation cache's Gram
@@ -294,6 +297,7 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
     sequential: layer by layer from the bottom, each on the inputs the already pruned and re-fitted
     layers below produce (attention before the MLP of the same layer, whose input it changes).
     Biases (methods `bias`, `least_squares_bias`) are switched on in the config at the end.
+    With `layer_weights` (`pruneflow.layerwise`) the forward passes bring one layer at a time to `device`.
     """
     from pruneflow.architectures import count_parameters, head_dim
     from pruneflow.checkpoint import record_layer_shapes
@@ -324,7 +328,7 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
 
     if mode == "parallel":
         accumulators = gram_matrices(model, targets, activations=activations, calibration_ids=calibration_ids,
-                                     batch_size=batch_size, device=device)
+                                     batch_size=batch_size, device=device, layer_weights=layer_weights)
         for target in targets:
             linear = projection_of(blocks[target[0]], target[1])
             refit = refit_projection(linear, accumulators.pop(target), _removed_columns(plan, target[0], target[1], size),
@@ -333,7 +337,8 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
             record(target, refit)
         result.params_removed = apply_pruning(model, plan)
     else:
-        _sequential(model, plan, method, damping, calibration_ids, batch_size, device, size, record, biases)
+        _sequential(model, plan, method, damping, calibration_ids, batch_size, device, size, record, biases,
+                    layer_weights)
         record_layer_shapes(model)
         result.params_removed = plan.params_before - count_parameters(model)
         if result.params_removed != plan.expected_params_removed:
@@ -403,41 +408,61 @@ def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], stop_
 
 
 @torch.no_grad()
-def _sequential(model, plan, method, damping, calibration_ids, batch_size, device, size, record, biases) -> None:
+def _sequential(model, plan, method, damping, calibration_ids, batch_size, device, size, record, biases,
+                layer_weights: LayerWeights | None) -> None:
     """Bottom-up: each layer's projections are re-fitted on the inputs the pruned layers below give."""
-    from pruneflow.pruning import prune_layer
-
     blocks = decoder_layers(model)
     layers = sorted(plan.layers)
-    hidden, arguments = _layer_inputs(model, blocks, layers[0], layers[-1], calibration_ids, batch_size, device)
+    if layer_weights is None:
+        hidden, arguments = _layer_inputs(model, blocks, layers[0], layers[-1], calibration_ids, batch_size, device)
+        _refit_bottom_up(blocks, plan, method, damping, size, record, biases, hidden, arguments, InPlace())
+        return
+    with layerwise.outside_on(model, layer_weights, device):
+        inputs = layerwise.capture_inputs(model, calibration_ids, batch_size=batch_size, device=device)
+        hidden = layerwise.run_layers(model, inputs, layer_weights, device, layers=range(layers[0]))
+        arguments = dict(enumerate(inputs.arguments))
+        _refit_bottom_up(blocks, plan, method, damping, size, record, biases, hidden, arguments, layer_weights,
+                         device)
+
+
+def _refit_bottom_up(blocks, plan, method, damping, size, record, biases, hidden: list[torch.Tensor],
+                     arguments: Mapping[int, list[dict]], weights: LayerWeights,
+                     device: torch.device | str | None = None) -> None:
+    from pruneflow.pruning import prune_layer
+
+    layers = sorted(plan.layers)
     batches = list(zip(hidden, arguments[layers[0]], strict=True))
     hooks = []
     try:
         for i in range(layers[0], layers[-1] + 1):
             block = blocks[i]
-            if i in plan.layers:
-                for projection in PROJECTIONS:
-                    removed = _removed_columns(plan, i, projection, size)
-                    if len(removed):
-                        acc = GramAccumulator()
-                        _run_layer(block, batches, projection_of(block, projection), acc)
-                        refit = refit_projection(projection_of(block, projection), acc, removed, method, damping)
-                        _write_kept(projection_of(block, projection), refit)
-                        record((i, projection), refit)
-                    shape = layer_shape_of(block, size)
-                    if projection == "o_proj":
-                        prune_layer(block, plan.kept_attention_groups[i], plan.kept_query_heads[i],
-                                    range(shape.intermediate_size), size)
-                    else:
-                        prune_layer(block, range(shape.num_key_value_heads), range(shape.num_attention_heads),
-                                    plan.kept_ffn_channels[i], size)
-                    if (i, projection) in biases:  # what follows must see the bias the checkpoint will hold
-                        bias = biases[(i, projection)]
-                        hooks.append(projection_of(block, projection).register_forward_hook(
-                            lambda _m, _a, out, b=bias: out + b.to(out.device, out.dtype)))
-            if i < layers[-1]:
-                outputs = _run_layer(block, batches, None, None)
-                batches = list(zip(outputs, arguments[i + 1], strict=True))  # the next layer's own mask and rope
+            weights.load(i, block, device)
+            try:
+                if i in plan.layers:
+                    for projection in PROJECTIONS:
+                        removed = _removed_columns(plan, i, projection, size)
+                        if len(removed):
+                            acc = GramAccumulator()
+                            _run_layer(block, batches, projection_of(block, projection), acc)
+                            refit = refit_projection(projection_of(block, projection), acc, removed, method, damping)
+                            _write_kept(projection_of(block, projection), refit)
+                            record((i, projection), refit)
+                        shape = layer_shape_of(block, size)
+                        if projection == "o_proj":
+                            prune_layer(block, plan.kept_attention_groups[i], plan.kept_query_heads[i],
+                                        range(shape.intermediate_size), size)
+                        else:
+                            prune_layer(block, range(shape.num_key_value_heads), range(shape.num_attention_heads),
+                                        plan.kept_ffn_channels[i], size)
+                        if (i, projection) in biases:  # what follows must see the bias the checkpoint will hold
+                            bias = biases[(i, projection)]
+                            hooks.append(projection_of(block, projection).register_forward_hook(
+                                lambda _m, _a, out, b=bias: out + b.to(out.device, out.dtype)))
+                if i < layers[-1]:
+                    outputs = _run_layer(block, batches, None, None)
+                    batches = list(zip(outputs, arguments[i + 1], strict=True))  # the next layer's own mask and rope
+            finally:
+                weights.unload(i, block)
     finally:
         for hook in hooks:
             hook.remove()

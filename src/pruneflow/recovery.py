@@ -6,10 +6,32 @@ pruned student towards the dense teacher's next-token distributions (KL at a tem
 with the next-token loss), as Minitron recovers its pruned models; plain text (.txt files, cut into
 blocks of `cutoff_len` tokens the way transformers' run_clm example groups texts) is its usual data.
 Both use AdamW with linear warm-up and linear decay, gradient accumulation up to the effective batch,
-and a held-out validation split whose best weights are kept. The loop is written out here (no
-`transformers.Trainer`) because it must be deterministic on CPU, run a second (teacher) model on
-every micro-batch, work on models whose layers have different widths after pruning, and report every
-optimizer step to a callback (MLflow).
+gradient clipping at 1.0, and a held-out validation split whose best weights are kept.
+
+Training runs on `transformers.Trainer`, which brings what a hand-written loop would have to copy:
+DDP across processes (`torchrun`, `accelerate launch`; gloo on CPUs), gradient accumulation with
+the loss normalised by the label tokens of the whole effective batch on every process
+(`average_tokens_across_devices`), gradient checkpointing, and checkpoints that hold the weights,
+the optimizer, the scheduler and every process's RNG state, resumed exactly (`resume_from_checkpoint`).
+Its seeded sampler orders the data: epoch e is a permutation seeded with `seed + e`, the same on
+every process, and each process takes every world_size-th micro-batch of it, so one process with
+accumulation and N processes see the same examples in each optimizer step. A subclass adds only the
+loss (the distillation objective needs the teacher on the same micro-batch), the schedule
+(`learning_rate_at` as a LambdaLR) and autocast (bf16 / fp16 on CUDA around the student, the teacher
+and the loss; LoRA adapters stay fp32). Trainer lacks, and callbacks add:
+
+- validation before the first step, every `eval_every_steps` and after the last (token-weighted,
+  shared out across processes), and keep-best: the trainable weights are snapshotted when the
+  validation loss improves and restored at the end, the untrained model included;
+- a history entry per optimizer step (loss, next-token loss, learning rate, gradient norm, epoch,
+  tokens) handed to `on_log` (the stage sends it to MLflow; Trainer's own reporting is off);
+- a ConfigError naming recover.learning_rate as soon as the loss is not finite;
+- a run record (history, best step, best weights) written into every checkpoint, last, so a checkpoint
+  counts as complete only when it is there, and a resumed run continues the same history and keep-best;
+- SIGTERM (a cluster's notice before it kills or requeues a job): a checkpoint at the end of the current
+  step, then `TrainingPreempted`; a SIGKILL leaves the last periodic checkpoint.
+
+Nothing depends on the layers having equal widths, so pruned models train as they are.
 
 `recover` = (`prepare_lora_model` +) `train_recovery` (+ `merge_lora`); the pieces are public so
 tests can compare the un-merged adapter model with the merged one.
@@ -18,8 +40,17 @@ tests can compare the un-merged adapter model with the merged one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import hashlib
 import json
+import logging
 import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,12 +60,18 @@ from typing import Any
 
 import datasets
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging as hf_logging
 
 from pruneflow.config import RecoverParams
 from pruneflow.errors import ConfigError, DataError
-from pruneflow.progress import progress_stream
+from pruneflow.progress import progress
 from pruneflow.text_data import check_instruction_file, check_recovery_suffixes, read_rows
 
 ALPACA_TEMPLATE_WITH_INPUT = (
@@ -51,6 +88,11 @@ ALPACA_TEMPLATE_NO_INPUT = (
 IGNORE_INDEX = -100
 # transformers.Trainer's default, which LLM-Pruner's post-training ran with.
 MAX_GRAD_NORM = 1.0
+# in a checkpoint folder of the state folder, next to Trainer's files
+RECORD_FILE = "pruneflow_record.json"  # written last: the checkpoint is complete
+BEST_WEIGHTS_FILE = "best_trainable.safetensors"
+FINGERPRINT_FILE = "fingerprint.txt"  # in the state folder: which run's checkpoints these are
+logger = logging.getLogger(__name__)
 _COLUMNS = ("instruction", "input", "output")
 
 
@@ -390,7 +432,11 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 
 @dataclass
 class RecoveryResult:
-    """What a recovery run produced; `model` is merged and in eval mode (un-merged from `train_recovery`)."""
+    """What a recovery run produced; `model` is merged and in eval mode (un-merged from `train_recovery`).
+
+    Under several processes the losses, steps and best step are the same on every process, but only
+    the main process's `model` holds the best weights (the others keep the last ones and write nothing).
+    """
 
     model: torch.nn.Module
     history: list[dict] = field(default_factory=list)
@@ -401,6 +447,12 @@ class RecoveryResult:
     train_examples: int = 0
     seconds: float = 0.0
     teacher_seconds: float = 0.0  # forward passes of the teacher (distillation), within `seconds`
+    resumed_from_step: int = 0  # the checkpoint's step this run continued from; 0: trained from the start
+    processes: int = 1
+
+
+class TrainingPreempted(Exception):
+    """SIGTERM stopped training after its checkpoint was saved; the same command resumes from it."""
 
 
 @dataclass(frozen=True)
@@ -413,8 +465,12 @@ class Distillation:
 
 
 def planned_steps(num_examples: int, params: RecoverParams) -> int:
-    """Optimizer steps for `num_epochs` passes over the data at the effective batch, capped by max_steps."""
-    steps = max(1, math.ceil(params.num_epochs * num_examples / params.batch_size))
+    """Optimizer steps for `num_epochs` passes at the effective batch, capped by max_steps.
+
+    An epoch is ceil(examples / batch_size) steps, its last one taking the remainder (Trainer's count).
+    """
+    per_epoch = math.ceil(num_examples / params.batch_size)
+    steps = max(1, math.ceil(params.num_epochs * per_epoch))
     return min(steps, params.max_steps) if params.max_steps is not None else steps
 
 
@@ -424,21 +480,27 @@ def warmup_for(total_steps: int, params: RecoverParams) -> int:
 
 
 def learning_rate_at(step: int, total_steps: int, warmup: int, base_lr: float) -> float:
-    """Linear warm-up then linear decay for 0-based optimizer `step`; never exactly 0 (no wasted step)."""
+    """Linear warm-up then linear decay for 0-based optimizer `step`; never exactly 0 (no wasted step).
+
+    The trainer's scheduler is this function (`LambdaLR` with base_lr 1), so the logged rates are its values.
+    """
     if step < warmup:
         return base_lr * (step + 1) / warmup
     return base_lr * (total_steps - step) / max(1, total_steps - warmup)
 
 
-def _example_stream(num_examples: int, seed: int) -> Iterator[tuple[int, int]]:
-    """Yield (epoch, index) forever: a fresh seeded permutation per epoch, no sorting by length."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    epoch = 0
-    while True:
-        for index in torch.randperm(num_examples, generator=generator).tolist():
-            yield epoch, index
-        epoch += 1
+def pad_batch(features: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized examples to the longest one; padded labels are -100 (the trainer's collator)."""
+    length = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), length), pad_id, dtype=torch.long)
+    lab = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), length), dtype=torch.long)
+    for i, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        ids[i, :n] = torch.tensor(feature["input_ids"], dtype=torch.long)
+        lab[i, :n] = torch.tensor(feature["labels"], dtype=torch.long)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
 def _collate(
@@ -448,17 +510,9 @@ def _collate(
     pad_id: int,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad one micro-batch to its own longest example; padded labels are -100."""
-    length = max(len(input_ids[r]) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    lab = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(input_ids[r])
-        ids[i, :n] = torch.tensor(input_ids[r], dtype=torch.long)
-        lab[i, :n] = torch.tensor(labels[r], dtype=torch.long)
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
+    """Rows of a tokenized dataset (as lists) as one padded micro-batch on `device`."""
+    batch = pad_batch([{"input_ids": input_ids[r], "labels": labels[r]} for r in rows], pad_id)
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def distillation_kl_sum(
@@ -508,6 +562,35 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return contextlib.nullcontext()
 
 
+# ------------------------------------------------------------------------------------ processes
+
+
+def world_size() -> int:
+    """Processes of this training job: WORLD_SIZE as `torchrun` and `accelerate launch` set it, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """The process that writes outputs (global rank 0); every process of a single-process run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_device(device: torch.device) -> torch.device:
+    """The GPU of this process under a launcher (cuda:LOCAL_RANK), else `device` unchanged."""
+    if device.type == "cuda" and world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _in_process_group():
+        dist.barrier()
+
+
 @torch.no_grad()
 def evaluate_losses(
     model: torch.nn.Module,
@@ -518,14 +601,22 @@ def evaluate_losses(
     device: torch.device,
     dtype: torch.dtype,
     distillation: Distillation | None = None,
+    across_processes: bool = False,
 ) -> tuple[float, float]:
-    """Token-weighted mean (objective, next-token loss) over a tokenized dataset, in eval mode."""
+    """Token-weighted mean (objective, next-token loss) over a tokenized dataset, in eval mode.
+
+    With `across_processes` inside a process group each process evaluates every world_size-th
+    micro-batch and the sums are added up (all-reduce): the same micro-batches as one process, and the
+    same result on every process, for a share of the work.
+    """
     was_training = model.training
     model.eval()
     input_ids, labels = dataset["input_ids"][:], dataset["labels"][:]  # plain lists: fast row access
+    rank, size = (dist.get_rank(), dist.get_world_size()) if across_processes and _in_process_group() else (0, 1)
+    starts = range(0, len(input_ids), micro_batch_size)[rank::size]
     objective, cross_entropy, count = 0.0, 0.0, 0
     try:
-        for start in range(0, len(input_ids), micro_batch_size):
+        for start in starts:
             rows = range(start, min(start + micro_batch_size, len(input_ids)))
             batch = _collate(rows, input_ids, labels, pad_id, device)
             with _autocast(device, dtype):
@@ -535,6 +626,10 @@ def evaluate_losses(
             count += _n_targets(batch)
     finally:
         model.train(was_training)
+    if size > 1:
+        totals = torch.tensor([objective, cross_entropy, count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        objective, cross_entropy, count = totals[0].item(), totals[1].item(), int(totals[2].item())
     if not count:
         return float("nan"), float("nan")
     return objective / count, cross_entropy / count
@@ -550,45 +645,6 @@ def _pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _optimizer_step(
-    model: torch.nn.Module,
-    micro_batches: Sequence[Mapping[str, torch.Tensor]],
-    trainable: Sequence[tuple[str, torch.nn.Parameter]],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    distillation: Distillation | None,
-) -> tuple[float, float]:
-    """Accumulate gradients over the micro-batches, clip, step.
-
-    Returns the effective batch's mean objective and its mean next-token loss. The losses are normalised by the label tokens of the whole
-    effective batch, so accumulating micro-batches of different lengths gives the same gradient as
-    one big batch.
-    """
-    n_targets = max(1, sum(_n_targets(b) for b in micro_batches))
-    step_loss = step_lm_loss = 0.0
-    for batch in micro_batches:
-        with _autocast(device, dtype):
-            objective, cross_entropy = _loss_sums(model, batch, distillation)
-            loss = objective / n_targets
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        step_loss += float(loss.detach())
-        step_lm_loss += float(cross_entropy.detach()) / n_targets
-    params = [p for _, p in trainable]
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss, step_lm_loss
 
 
 class _TimedTeacher(torch.nn.Module):
@@ -627,6 +683,326 @@ def _check_vocabularies(model: torch.nn.Module, teacher: torch.nn.Module) -> Non
         )
 
 
+# ------------------------------------------------------------------------------- the trainer
+
+
+class _RecoveryTrainer(Trainer):
+    """Trainer with pruneflow's loss, schedule and autocast; batches, accumulation, DDP, clipping,
+    checkpoints and resume are Trainer's own."""
+
+    # compute_loss divides by the label tokens of the whole effective batch (all micro-batches, all processes)
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, distillation: Distillation | None, autocast_dtype: torch.dtype, warmup: int,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.distillation = distillation
+        self.autocast_dtype = autocast_dtype
+        self.warmup = warmup
+        self._step_lm_loss: torch.Tensor | float = 0.0
+        self._step_tokens = 0
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            total, warmup = num_training_steps, self.warmup
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda step: learning_rate_at(step, total, warmup, 1.0))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
+        return _autocast(self.args.device, self.autocast_dtype)  # the student, the teacher and the loss
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        """One optimizer step's micro-batches and the label tokens of the effective batch (every process)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.tensor([sum(_n_targets(b) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)],
+                              device=device)
+        if self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        self._step_tokens = int(counts[1])
+        return batches, max(1, int(counts[0]))
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: int | None = None):
+        objective, cross_entropy = _loss_sums(model, inputs, self.distillation)
+        # DDP averages the processes' gradients, so each process's sum counts world_size times
+        scale = self.args.world_size / (num_items_in_batch or max(1, _n_targets(inputs)))
+        self._step_lm_loss = self._step_lm_loss + cross_entropy.detach() * scale
+        loss = objective * scale
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training step: add its next-token loss (distillation) and tokens
+            lm_loss = torch.as_tensor(self._step_lm_loss, device=self.args.device).reshape(1)
+            if self.args.world_size > 1:
+                lm_loss = self.accelerator.gather(lm_loss)
+            if self.distillation is not None:
+                logs["lm_loss"] = float(lm_loss.mean())
+            logs["tokens"] = self._step_tokens
+            self._step_lm_loss = 0.0
+        super().log(logs, start_time)
+
+
+@dataclass
+class _RunRecord:
+    """What the callbacks learn while training; every checkpoint stores it, so a resumed run continues it."""
+
+    history: list[dict] = field(default_factory=list)
+    initial_val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    best_weights: dict[str, torch.Tensor] | None = None  # trainable tensors on the CPU, main process only
+
+    def add(self, entry: dict, on_log: Callable[[dict], None] | None) -> None:
+        self.history.append(entry)
+        if on_log is not None:
+            on_log(entry)
+
+    def save(self, folder: Path, fingerprint: str) -> None:
+        """Best weights, then the record itself (written last, by rename: it marks the checkpoint complete)."""
+        if self.best_weights is not None:
+            save_file(self.best_weights, str(folder / BEST_WEIGHTS_FILE))
+        summary = {"fingerprint": fingerprint, "history": self.history, "initial_val_loss": self.initial_val_loss,
+                   "best_val_loss": self.best_val_loss, "best_step": self.best_step}
+        partial = folder / f"{RECORD_FILE}.partial"
+        partial.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(partial, folder / RECORD_FILE)
+
+    @classmethod
+    def load(cls, folder: Path, *, weights: bool) -> _RunRecord:
+        saved = json.loads((folder / RECORD_FILE).read_text())
+        best = folder / BEST_WEIGHTS_FILE
+        return cls(history=saved["history"], initial_val_loss=saved["initial_val_loss"],
+                   best_val_loss=saved["best_val_loss"], best_step=saved["best_step"],
+                   best_weights=load_file(str(best)) if weights and best.is_file() else None)
+
+
+class _StepLog(TrainerCallback):
+    """Trainer's per-step logs as history entries (and to `on_log`); a non-finite loss stops training."""
+
+    def __init__(self, record: _RunRecord, on_log: Callable[[dict], None] | None, learning_rate: float) -> None:
+        self.record, self.report, self.learning_rate = record, on_log, learning_rate
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        entry = {"step": state.global_step, "loss": logs["loss"],
+                 **({"lm_loss": logs["lm_loss"]} if "lm_loss" in logs else {}),
+                 "learning_rate": logs["learning_rate"], "grad_norm": logs.get("grad_norm"),
+                 "epoch": logs["epoch"], "tokens": logs["tokens"]}
+        self.record.add(entry, self.report)
+        if not math.isfinite(entry["loss"]):
+            raise ConfigError(
+                f"recover.learning_rate={self.learning_rate} made training diverge (non-finite loss at step "
+                f"{state.global_step}); allowed: a smaller learning rate")
+
+
+class _KeepBest(TrainerCallback):
+    """Validation before the first step, every `every` steps and after the last; the best weights kept.
+
+    The untrained model counts: if training only hurts, its weights are the ones restored at the end.
+    """
+
+    def __init__(self, record: _RunRecord, on_log: Callable[[dict], None] | None,
+                 validate: Callable[[torch.nn.Module], tuple[float, float]], *, every: int, distill: bool,
+                 keep_weights: bool) -> None:
+        self.record, self.report, self.validate = record, on_log, validate
+        self.every, self.distill, self.keep_weights = every, distill, keep_weights
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0 and self.record.initial_val_loss is None:
+            self._validate(model, 0)
+            self.record.initial_val_loss = self.record.best_val_loss
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        step = state.global_step
+        if logs and "loss" in logs and (step % self.every == 0 or step == state.max_steps):
+            self._validate(model, step)
+
+    def _validate(self, model: torch.nn.Module, step: int) -> None:
+        loss, lm_loss = self.validate(model)
+        self.record.add({"step": step, "val_loss": loss, **({"val_lm_loss": lm_loss} if self.distill else {})},
+                        self.report)
+        if self.record.best_val_loss is None or loss < self.record.best_val_loss:
+            self.record.best_val_loss, self.record.best_step = loss, step
+            if self.keep_weights:
+                self.record.best_weights = {name: p.detach().to("cpu", copy=True) for name, p in _trainable(model)}
+
+
+class _SaveRecord(TrainerCallback):
+    """Completes each checkpoint Trainer saves with the run record; older checkpoints are then removed."""
+
+    def __init__(self, record: _RunRecord, fingerprint: str) -> None:
+        self.record, self.fingerprint = record, fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        _barrier()  # every process has written its part (its RNG state)
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            self.record.save(folder, self.fingerprint)
+            for other in Path(args.output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                if other != folder:
+                    shutil.rmtree(other, ignore_errors=True)
+        _barrier()
+
+
+class _StopOnSigterm(TrainerCallback):
+    """SIGTERM (a cluster's notice before it kills or requeues a job): save at the end of this step, stop.
+
+    Every process must stop after the same step, so under several processes the flag is all-reduced
+    at each step's end (one small collective per step). After the last step there is nothing to resume:
+    no checkpoint is saved (the output comes next) and a SIGTERM then lets the run finish. (Trainer
+    resumed from a checkpoint at max_steps would also train one step more.)
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second SIGTERM: stop waiting for the step to end
+            self.uninstall()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.requested = True  # acted on at the step's end (no logging here: a handler may interrupt it)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+            return
+        requested = self.requested
+        if args.world_size > 1:
+            flag = torch.tensor([int(requested)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested:
+            logger.info("SIGTERM: saving a checkpoint after step %d, then stopping", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+class _ProgressBar(TrainerCallback):
+    """The console's progress bar (main process) with each step's loss and learning rate."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled = label, enabled
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.enabled and state.is_world_process_zero:
+            self.bar = progress(desc=self.label, total=state.max_steps, unit="step", initial=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['learning_rate']:.2e}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+# ------------------------------------------------------------------------------- state folder
+
+
+def _checkpoint_step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def _complete_checkpoints(state_dir: Path) -> list[Path]:
+    """Checkpoints whose run record was written (the last file of a save), oldest first."""
+    found = [p for p in state_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / RECORD_FILE).is_file()]
+    return sorted(found, key=_checkpoint_step)
+
+
+def _open_state_dir(state_dir: Path, fingerprint: str) -> Path | None:
+    """Make `state_dir` hold this run's checkpoints; the last complete one to resume from, or None.
+
+    The main process starts it fresh (and says why) when it is missing or another run's (another
+    fingerprint), and removes incomplete checkpoints (a save that was killed); the others wait for it.
+    """
+    if is_main_process():
+        stamp = state_dir / FINGERPRINT_FILE
+        previous = stamp.read_text().strip() if stamp.is_file() else None
+        if state_dir.exists() and previous != fingerprint:
+            logger.info("state folder %s was written by other settings or inputs (fingerprint %s, now %s): "
+                        "starting fresh", state_dir, previous, fingerprint)
+            shutil.rmtree(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint + "\n")
+        complete = _complete_checkpoints(state_dir)
+        for folder in state_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            if folder not in complete[-1:]:
+                shutil.rmtree(folder, ignore_errors=True)
+    _barrier()
+    complete = _complete_checkpoints(state_dir)
+    return complete[-1] if complete else None
+
+
+def run_fingerprint(params: RecoverParams, *, seed: int, processes: int, inputs: Mapping[str, Any],
+                    train_examples: int, val_examples: int) -> str:
+    """A hash of what a training run depends on: a state folder is resumed only by the run that wrote it."""
+    described = {"recover": dataclasses.asdict(params), "seed": seed, "processes": processes,
+                 "train_examples": train_examples, "val_examples": val_examples, "inputs": inputs}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _training_arguments(params: RecoverParams, *, output_dir: Path, total_steps: int, seed: int,
+                        device: torch.device, dtype: torch.dtype, checkpoints: bool) -> TrainingArguments:
+    """TrainingArguments for pruneflow's recipe: AdamW(0.9, 0.999, 1e-8, no decay), clipping at 1.0, a log
+    entry every step, no Trainer evaluation (the callbacks validate), no reporting integrations."""
+    processes = world_size()
+    save_every = params.save_every_steps or params.eval_every_steps
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=params.micro_batch_size,
+        gradient_accumulation_steps=params.batch_size // (params.micro_batch_size * processes),
+        max_steps=total_steps,
+        learning_rate=params.learning_rate,
+        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        logging_strategy="steps", logging_steps=1, logging_nan_inf_filter=False,
+        eval_strategy="no",
+        save_strategy="steps" if checkpoints else "no", save_steps=save_every, save_total_limit=None,
+        seed=seed, data_seed=seed,
+        use_cpu=device.type == "cpu",
+        fp16=device.type == "cuda" and dtype == torch.float16,  # Trainer's loss scaler; autocast is ours
+        dataloader_pin_memory=device.type == "cuda",
+        remove_unused_columns=False,
+        ddp_backend="gloo" if device.type == "cpu" and processes > 1 else None,
+        ddp_find_unused_parameters=False,
+        average_tokens_across_devices=True,
+        activation_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
 def train_recovery(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -640,12 +1016,20 @@ def train_recovery(
     teacher: torch.nn.Module | None = None,
     on_log: Callable[[dict], None] | None = None,
     progress: bool = True,
+    state_dir: str | Path | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> RecoveryResult:
     """Train `model` as `params` say; the result's model is un-merged (peft) for LoRA, best weights loaded.
 
     `teacher` (the dense model) is required for `objective: distill`. Datasets may be raw Alpaca
     records or already tokenized (input_ids, labels). With `method: full` every parameter trains in
     float32 (bf16 autocast on GPU) and the model is returned in the dtype it came in.
+
+    With `state_dir` a checkpoint is saved there every `save_every_steps` and on SIGTERM (then
+    `TrainingPreempted` is raised); a later call with the same settings, data and `inputs` (what the
+    caller loaded the models from) resumes from the last complete checkpoint, any other starts fresh.
+    Under `torchrun` / `accelerate launch` every process calls this; the effective batch is
+    micro_batch_size x accumulation x processes = `batch_size`.
     """
     started = time.perf_counter()
     distill = params.objective == "distill"
@@ -653,6 +1037,11 @@ def train_recovery(
         raise ConfigError("recover.objective='distill' needs the dense teacher model; none was given")
     if params.method == "lora":
         check_lora_targets(model, params)
+    processes = world_size()
+    if params.batch_size % (params.micro_batch_size * processes):
+        raise ConfigError(
+            f"recover.batch_size={params.batch_size} is not allowed with {processes} processes; allowed: a multiple "
+            f"of recover.micro_batch_size x processes = {params.micro_batch_size * processes}")
     if len(train_dataset) == 0:
         raise DataError("the recovery training split is empty; check recover.data and recover.max_train_samples")
     if not _is_tokenized(train_dataset):
@@ -665,140 +1054,111 @@ def train_recovery(
         )
     has_val = val_dataset is not None and len(val_dataset) > 0
     pad_id = _pad_id(tokenizer)
-    distillation = None
-    if distill:
-        assert teacher is not None
-        _check_vocabularies(model, teacher)
-        distillation = Distillation(_TimedTeacher(prepare_teacher(teacher, device)),
-                                    temperature=float(params.distill_temperature), weight=float(params.distill_weight))
+    n_examples = len(train_dataset)
+    total_steps = planned_steps(n_examples, params)
+    main = is_main_process()
 
-    if params.method == "lora":
-        trained_model = prepare_lora_model(model, params, seed=seed, device=device)
-        original_dtype = None
-    else:
-        original_dtype = next(model.parameters()).dtype
-        trained_model = model.to(device=device, dtype=torch.float32)
-        for param in trained_model.parameters():
-            param.requires_grad_(True)
-    try:
-        trainable = _trainable(trained_model)
-        optimizer = torch.optim.AdamW(
-            [p for _, p in trainable], lr=params.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
-        )
-        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and dtype == torch.float16 else None
+    with contextlib.ExitStack() as stack:
+        output_dir = (Path(state_dir) if state_dir is not None
+                      else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pruneflow-recover-"))))
+        args = _training_arguments(params, output_dir=output_dir, total_steps=total_steps, seed=seed, device=device,
+                                   dtype=dtype, checkpoints=state_dir is not None)
+        if device.type == "cuda" and device.index not in (None, args.device.index):
+            logger.warning("Trainer trains on %s, not %s: in one process it takes the first visible GPU; choose it "
+                           "with CUDA_VISIBLE_DEVICES", args.device, device)
+        device = args.device  # cuda:LOCAL_RANK under a launcher
+        fingerprint = run_fingerprint(params, seed=seed, processes=processes, inputs=dict(inputs or {}),
+                                      train_examples=n_examples, val_examples=len(val_dataset) if has_val else 0)
+        resume = _open_state_dir(output_dir, fingerprint) if state_dir is not None else None
 
-        n_examples = len(train_dataset)
-        total_steps = planned_steps(n_examples, params)
-        warmup = warmup_for(total_steps, params)
-        input_ids, labels = train_dataset["input_ids"][:], train_dataset["labels"][:]
-        stream = _example_stream(n_examples, seed)
-        history: list[dict] = []
-
-        def log(entry: dict) -> None:
-            history.append(entry)
-            if on_log is not None:
-                on_log(entry)
-
-        def validate(step: int) -> float:
-            assert val_dataset is not None
-            loss, lm_loss = evaluate_losses(
-                trained_model,
-                val_dataset,
-                micro_batch_size=params.micro_batch_size,
-                pad_id=pad_id,
-                device=device,
-                dtype=dtype,
-                distillation=distillation,
-            )
-            log({"step": step, "val_loss": loss, **({"val_lm_loss": lm_loss} if distill else {})})
-            return loss
-
-        def snapshot() -> dict[str, torch.Tensor]:
-            return {name: p.detach().to("cpu", copy=True) for name, p in trainable}
-
-        initial_val = best_val = None
-        best_step: int | None = None
-        best_weights: dict[str, torch.Tensor] | None = None
-        if has_val:
-            initial_val = best_val = validate(0)
-            best_step, best_weights = 0, snapshot()
-
-        trained_model.train()
-        consumed = 0
-        label = f"{'LoRA' if params.method == 'lora' else 'full'} {'distillation' if distill else 'recovery'}"
-        bar = tqdm(total=total_steps, desc=label, unit="step", file=progress_stream(), disable=not progress)
-        try:
-            for step in range(total_steps):
-                lr = learning_rate_at(step, total_steps, warmup, params.learning_rate)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                picks = [next(stream) for _ in range(params.batch_size)]
-                consumed += len(picks)
-                micro_batches = [
-                    _collate(
-                        [i for _, i in picks[k : k + params.micro_batch_size]],
-                        input_ids,
-                        labels,
-                        pad_id,
-                        device,
-                    )
-                    for k in range(0, len(picks), params.micro_batch_size)
-                ]
-                step_loss, step_lm_loss = _optimizer_step(
-                    trained_model, micro_batches, trainable, optimizer, scaler, device=device, dtype=dtype,
-                    distillation=distillation,
-                )
-                tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-                done = step + 1
-                log(
-                    {
-                        "step": done,
-                        "loss": step_loss,
-                        **({"lm_loss": step_lm_loss} if distill else {}),
-                        "learning_rate": lr,
-                        "epoch": consumed / n_examples,
-                        "tokens": tokens,
-                    }
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-                if has_val and (done % params.eval_every_steps == 0 or done == total_steps):
-                    val_loss = validate(done)
-                    trained_model.train()
-                    if best_val is None or val_loss < best_val:
-                        best_val, best_step, best_weights = val_loss, done, snapshot()
-        finally:
-            bar.close()
-            optimizer.zero_grad(set_to_none=True)
-
-        if best_weights is not None:
-            with torch.no_grad():
-                for name, p in trainable:
-                    p.copy_(best_weights[name].to(p.device))
-        if best_weights is None and not all(bool(torch.isfinite(p).all()) for _, p in trainable):
-            raise ConfigError(
-                f"recover.learning_rate={params.learning_rate} made training diverge (non-finite weights and "
-                "no validation checkpoint to fall back on); allowed: a smaller learning rate"
-            )
-    except BaseException:
-        # Leave the caller's model as it came in: strip the adapters without merging them.
+        distillation = None
+        if distill:
+            assert teacher is not None
+            _check_vocabularies(model, teacher)
+            distillation = Distillation(_TimedTeacher(prepare_teacher(teacher, device)),
+                                        temperature=float(params.distill_temperature),
+                                        weight=float(params.distill_weight))
         if params.method == "lora":
-            with contextlib.suppress(Exception):
-                trained_model.unload()
-        raise
+            trained_model = prepare_lora_model(model, params, seed=seed, device=device)
+            original_dtype = None
+        else:
+            original_dtype = next(model.parameters()).dtype
+            trained_model = model.to(device=device, dtype=torch.float32)
+            for param in trained_model.parameters():
+                param.requires_grad_(True)
+        progress_bar = _ProgressBar(
+            f"{'LoRA' if params.method == 'lora' else 'full'} {'distillation' if distill else 'recovery'}", progress)
+        preemption = _StopOnSigterm()
+        try:
+            record = _RunRecord.load(resume, weights=main) if resume is not None else _RunRecord()
+            if resume is not None:
+                logger.info("resuming from %s (step %d of %d)", resume, _checkpoint_step(resume), total_steps)
+                for entry in record.history:  # the whole curve reaches `on_log` (a new MLflow run) again
+                    if on_log is not None:
+                        on_log(entry)
+
+            def validate(module: torch.nn.Module) -> tuple[float, float]:
+                assert val_dataset is not None
+                return evaluate_losses(module, val_dataset, micro_batch_size=params.micro_batch_size, pad_id=pad_id,
+                                       device=device, dtype=dtype, distillation=distillation, across_processes=True)
+
+            callbacks: list[TrainerCallback] = [_StepLog(record, on_log, params.learning_rate)]
+            if has_val:
+                callbacks.append(_KeepBest(record, on_log, validate, every=params.eval_every_steps, distill=distill,
+                                           keep_weights=main))
+            callbacks += [_SaveRecord(record, fingerprint), preemption, progress_bar]
+            trainer = _RecoveryTrainer(
+                model=trained_model, args=args, train_dataset=train_dataset,
+                data_collator=functools.partial(pad_batch, pad_id=pad_id), callbacks=callbacks,
+                distillation=distillation, autocast_dtype=dtype, warmup=warmup_for(total_steps, params))
+            trainer.remove_callback(PrinterCallback)
+            if state_dir is not None:
+                preemption.install()
+            try:
+                with _without_transformers_bars():  # a "Writing model shards" bar per checkpoint is noise
+                    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+                trainer.accelerator.free_memory()  # drop the optimizer state before the caller merges and saves
+            finally:
+                preemption.uninstall()
+                progress_bar.close()
+                if params.gradient_checkpointing:  # hand the model back as it came: no checkpointing, no hooks
+                    trained_model.activation_checkpointing_disable()
+                    if hasattr(trained_model, "_require_grads_hook"):  # set with checkpointing, for LoRA's inputs
+                        trained_model.disable_input_require_grads()
+            if preemption.stopped_at is not None:
+                raise TrainingPreempted(
+                    f"SIGTERM: training stopped after step {preemption.stopped_at} of {total_steps} with a checkpoint "
+                    f"in {output_dir}; run the same command again to resume")
+            trainable = _trainable(trained_model)
+            if record.best_weights is not None:
+                with torch.no_grad():
+                    for name, p in trainable:
+                        p.copy_(record.best_weights[name].to(p.device))
+            if main and not all(bool(torch.isfinite(p).all()) for _, p in trainable):
+                raise ConfigError(
+                    f"recover.learning_rate={params.learning_rate} made training diverge (non-finite weights); "
+                    "allowed: a smaller learning rate")
+        except BaseException:
+            # Leave the caller's model as it came in: strip the adapters without merging them.
+            if params.method == "lora":
+                with contextlib.suppress(Exception):
+                    trained_model.unload()
+            raise
     trained_model.eval()
     if original_dtype is not None:
         trained_model.to(dtype=original_dtype)
     return RecoveryResult(
         model=trained_model,
-        history=history,
-        initial_val_loss=initial_val,
-        best_val_loss=best_val,
-        best_step=best_step,
+        history=record.history,
+        initial_val_loss=record.initial_val_loss,
+        best_val_loss=record.best_val_loss,
+        best_step=record.best_step,
         optimizer_steps=total_steps,
         train_examples=n_examples,
         seconds=time.perf_counter() - started,
         teacher_seconds=distillation.teacher.seconds if distillation is not None else 0.0,
+        resumed_from_step=_checkpoint_step(resume) if resume is not None else 0,
+        processes=processes,
     )
 
 
@@ -816,11 +1176,14 @@ def recover(
     on_log: Callable[[dict], None] | None = None,
     progress: bool = True,
     adapter_dir: str | Path | None = None,
+    state_dir: str | Path | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> RecoveryResult:
     """Train the pruned model, keep the best validation weights, merge LoRA: a plain model of the input class.
 
     With LoRA and `adapter_dir`, the best adapter is also saved there (peft format, safetensors)
-    before the merge, so it can be shared or re-applied without the merged weights.
+    before the merge, so it can be shared or re-applied without the merged weights. `state_dir` and
+    `inputs`: checkpoints, resume and SIGTERM as in `train_recovery`.
 
     The result keeps every per-layer width, is in eval mode, has no peft wrappers (so the base
     class's `save_pretrained` works) and its parameters keep their original `requires_grad` flags.
@@ -839,6 +1202,8 @@ def recover(
         teacher=teacher,
         on_log=on_log,
         progress=progress,
+        state_dir=state_dir,
+        inputs=inputs,
     )
     if params.method == "lora":
         if adapter_dir is not None:

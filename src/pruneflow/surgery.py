@@ -23,9 +23,13 @@ def layers_to_prune(num_layers: int, params: Params, servable: bool) -> list[int
 
 def prune_scored(model: nn.Module, scores: GroupScores, ratio: float, params: Params, *,
                  calibration_ids: torch.Tensor | None, activations: Mapping[str, torch.Tensor] | None,
-                 servable: bool = False, device: torch.device | str = "cpu") -> dict[str, Any]:
+                 servable: bool = False, device: torch.device | str = "cpu",
+                 layer_weights=None) -> dict[str, Any]:
     """Remove the lowest-scored groups of `model` (in place) so that `ratio` of all parameters goes,
-    re-fit what stays, and return the summary (`pruning_summary.json`) with measured counts."""
+    re-fit what stays, and return the summary (`pruning_summary.json`) with measured counts.
+
+    With `layer_weights` (`pruneflow.layerwise.ResidentWeights`: the model in host memory) the
+    re-fitting and layout-search forward passes bring one decoder layer at a time to `device`."""
     from pruneflow.architectures import count_parameters, layer_shapes
     from pruneflow.families import ruled_out_units
     from pruneflow.layout_search import calibration_loss, choose_layout, layouts_to_try
@@ -48,13 +52,14 @@ def prune_scored(model: nn.Module, scores: GroupScores, ratio: float, params: Pa
         return plan, prune_and_reconstruct(
             target, plan, method=settings.reconstruction, mode=settings.reconstruction_mode,
             damping=settings.damping, calibration_ids=calibration_ids,
-            batch_size=params.activations.batch_size, device=device, activations=activations)
+            batch_size=params.activations.batch_size, device=device, activations=activations,
+            layer_weights=layer_weights)
 
     started = time.perf_counter()
     layout, trials = choose_layout(
         model, candidates, prune_with,
         lambda trial: calibration_loss(trial, calibration_ids, settings.search_samples,
-                                       params.activations.batch_size, device))
+                                       params.activations.batch_size, device, layer_weights))
     plan, result = prune_with(model, layout)
     params_after = count_parameters(model)
     return {

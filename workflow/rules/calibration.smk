@@ -9,6 +9,8 @@ rule calibrate:
         PIPELINE.log("calibrate"),
     benchmark:
         PIPELINE.benchmark("calibrate")
+    resources:
+        **PIPELINE.resources("calibrate"),
     shell:
         PIPELINE.shell("calibrate")
 
@@ -26,6 +28,6 @@ rule cache_activations:
         PIPELINE.benchmark("cache_activations")
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        **PIPELINE.resources("cache_activations"),
     shell:
         PIPELINE.shell("cache_activations")

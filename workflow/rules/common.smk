@@ -14,12 +14,17 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))  # workflow/ -> t
 
 from pruneflow.config import RATIO_PATTERN  # noqa: E402
 from pruneflow.pipeline import snakemake_support  # noqa: E402
+from pruneflow.pipeline.resources import CLUSTER_KEYS  # noqa: E402
 
 PARAMS_FILE = "params.yaml"
 CONDA_ENV = "../envs/pruneflow.yaml"
 
-# Refuses a second run, a bad params.yaml or input, before Snakemake plans or removes anything.
+# Refuses a second run, a bad params.yaml or input, before Snakemake plans or removes anything. Under a
+# cluster executor it also plans every job's resources from the model (pruneflow.pipeline.resources);
+# `--config gpu_memory_gb=141` etc. say what the cluster offers and are the only `--config` keys allowed.
 PIPELINE = snakemake_support.start(workflow, PARAMS_FILE)
+for key in CLUSTER_KEYS:
+    config.pop(key, None)
 config.update(PIPELINE.params.raw)  # params.yaml as DVC reads it (YAML 1.2), not Snakemake's own reader
 validate(config, "../schemas/params.schema.yaml")
 

@@ -11,7 +11,7 @@ rule evaluate_dense:
         PIPELINE.benchmark("evaluate_dense")
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        **PIPELINE.resources("evaluate_dense"),
     shell:
         PIPELINE.shell("evaluate_dense")
 
@@ -29,7 +29,7 @@ rule evaluate_pruned:
         PIPELINE.benchmark("evaluate_pruned")
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        **PIPELINE.resources("evaluate_pruned"),
     shell:
         PIPELINE.shell("evaluate_pruned")
 
@@ -47,7 +47,7 @@ rule evaluate_recovered:
         PIPELINE.benchmark("evaluate_recovered")
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        **PIPELINE.resources("evaluate_recovered"),
     shell:
         PIPELINE.shell("evaluate_recovered")
 
@@ -65,7 +65,7 @@ rule evaluate_servable:
         PIPELINE.benchmark("evaluate_servable")
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        **PIPELINE.resources("evaluate_servable"),
     shell:
         PIPELINE.shell("evaluate_servable")
 
@@ -81,5 +81,7 @@ rule report:
         PIPELINE.log("report"),
     benchmark:
         PIPELINE.benchmark("report")
+    resources:
+        **PIPELINE.resources("report"),
     shell:
         PIPELINE.shell("report")

@@ -10,5 +10,7 @@ rule prepare_model:
     benchmark:
         PIPELINE.benchmark("prepare_model")
     threads: TORCH_THREADS
+    resources:
+        **PIPELINE.resources("prepare_model"),
     shell:
         PIPELINE.shell("prepare_model")

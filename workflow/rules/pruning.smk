@@ -11,7 +11,7 @@ rule score:
         PIPELINE.benchmark("score")
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        **PIPELINE.resources("score"),
     shell:
         PIPELINE.shell("score")
 
@@ -28,6 +28,8 @@ rule prune:
     benchmark:
         PIPELINE.benchmark("prune")
     threads: TORCH_THREADS
+    resources:
+        **PIPELINE.resources("prune"),
     shell:
         PIPELINE.shell("prune")
 
@@ -44,6 +46,8 @@ rule prune_servable:
     benchmark:
         PIPELINE.benchmark("prune_servable")
     threads: TORCH_THREADS
+    resources:
+        **PIPELINE.resources("prune_servable"),
     shell:
         PIPELINE.shell("prune_servable")
 
@@ -59,5 +63,7 @@ rule export_gguf:
         PIPELINE.log("export_gguf"),
     benchmark:
         PIPELINE.benchmark("export_gguf")
+    resources:
+        **PIPELINE.resources("export_gguf"),
     shell:
         PIPELINE.shell("export_gguf")

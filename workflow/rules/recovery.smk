@@ -11,6 +11,7 @@ rule recover:
         PIPELINE.benchmark("recover")
     threads: TORCH_THREADS
     resources:
-        gpu=1,
+        **PIPELINE.resources("recover"),
+    retries: PIPELINE.retries("recover")
     shell:
         PIPELINE.shell("recover")

@@ -62,8 +62,9 @@ __all__ = ["CRITERIA", "GroupScores", "Importance", "ScoringInputs", "get_criter
 
 def score_groups(model: nn.Module, criterion: str, calibration_ids: torch.Tensor,
                  activations: Mapping[str, torch.Tensor] | None, params, device: torch.device,
-                 dtype: torch.dtype) -> GroupScores:
-    """Per-group importance of one criterion with the `score` settings and seed of `params` (a `Params`)."""
+                 dtype: torch.dtype, layer_weights=None) -> GroupScores:
+    """Per-group importance of one criterion with the `score` settings and seed of `params` (a `Params`);
+    `layer_weights`: the model is in host memory and gradients are taken one layer at a time."""
     from pruneflow.runtime import seed_everything
 
     scorer = get_criterion(criterion, params.score)
@@ -71,4 +72,4 @@ def score_groups(model: nn.Module, criterion: str, calibration_ids: torch.Tensor
     return scorer.score(model, ScoringInputs(
         calibration_ids=calibration_ids, activations=activations if scorer.needs_activations else None,
         micro_batch_size=params.score.micro_batch_size, forward_batch_size=params.activations.batch_size,
-        seed=params.seed, device=device, dtype=dtype))
+        seed=params.seed, device=device, dtype=dtype, layer_weights=layer_weights))

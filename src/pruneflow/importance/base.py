@@ -33,6 +33,9 @@ class ScoringInputs:
     forward_batch_size: int = 8  # calibration samples per forward-only pass (criteria without gradients)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    # a `pruneflow.layerwise.LayerWeights`: passes over the model bring one decoder layer at a time to
+    # `device` (the model in host memory); None: the model is on `device` whole
+    layer_weights: Any = None
 
 
 @dataclass

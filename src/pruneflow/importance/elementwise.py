@@ -32,32 +32,39 @@ def score_elementwise(model: nn.Module, element_score: ElementScore, aggregation
     takes |that sum| (vector-wise Taylor, whose per-parameter terms are signed). Each matrix's
     scores are computed once per layer and reused for the three structures.
     """
+    size = head_dim(model)
+    rows = [score_layer(layer, index, size, element_score, aggregation, absolute_per_matrix)
+            for index, layer in enumerate(decoder_layers(model))]
+    return scores_from_layers(rows, aggregation)
+
+
+def score_layer(layer: nn.Module, index: int, head_size: int, element_score: ElementScore, aggregation: str,
+                absolute_per_matrix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's (KV-group, query-head, FFN-channel) scores, on the CPU; see `score_elementwise`."""
 
     def reduce(vectors: dict[str, torch.Tensor]) -> torch.Tensor:
         if absolute_per_matrix:
             vectors = {name: vector.abs() for name, vector in vectors.items()}
         return aggregate(vectors, aggregation)
 
-    size = head_dim(model)
-    attention, heads, ffn = [], [], []
-    for index, layer in enumerate(decoder_layers(model)):
-        shape = layer_shape(layer, size)
-        cache: dict[tuple[str, str], torch.Tensor | None] = {}
+    shape = layer_shape(layer, head_size)
+    cache: dict[tuple[str, str], torch.Tensor | None] = {}
 
-        def bound(name: str, module: nn.Linear, kind: str, _index: int = index, _cache=cache) -> torch.Tensor | None:
-            if (name, kind) not in _cache:
-                scores = element_score(_index, name, module, kind)
-                _cache[(name, kind)] = None if scores is None else scores.double()
-            return _cache[(name, kind)]
+    def bound(name: str, module: nn.Linear, kind: str) -> torch.Tensor | None:
+        if (name, kind) not in cache:
+            scores = element_score(index, name, module, kind)
+            cache[(name, kind)] = None if scores is None else scores.double()
+        return cache[(name, kind)]
 
-        with torch.no_grad():
-            attention.append(reduce(attention_group_vectors(layer, shape.num_key_value_heads, bound)))
-            heads.append(reduce(attention_head_vectors(layer, shape.num_attention_heads, bound)))
-            ffn.append(reduce(ffn_group_vectors(layer, bound)))
-    return GroupScores(
-        attention=[a.cpu() for a in attention], ffn=[f.cpu() for f in ffn], attention_heads=[h.cpu() for h in heads],
-        metadata={"aggregation": aggregation},
-    )
+    with torch.no_grad():
+        return (reduce(attention_group_vectors(layer, shape.num_key_value_heads, bound)).cpu(),
+                reduce(attention_head_vectors(layer, shape.num_attention_heads, bound)).cpu(),
+                reduce(ffn_group_vectors(layer, bound)).cpu())
+
+
+def scores_from_layers(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], aggregation: str) -> GroupScores:
+    return GroupScores(attention=[r[0] for r in rows], ffn=[r[2] for r in rows],
+                       attention_heads=[r[1] for r in rows], metadata={"aggregation": aggregation})
 
 
 def projection_parameters(model: nn.Module) -> list[nn.Parameter]:

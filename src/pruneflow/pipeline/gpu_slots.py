@@ -9,8 +9,6 @@ process ends for any reason (success, failure, SIGKILL, a lost node), and no sta
 Devices come from PRUNEFLOW_GPUS (comma list; any names, which is how tests use fake devices), else
 from CUDA_VISIBLE_DEVICES as the user set it, else from `torch.cuda.device_count()`. With no device
 the command runs unchanged (CPU). Under a cluster scheduler (SLURM, Kubernetes, or
-log = logging.getLogger(__name__)
-
 PRUNEFLOW_GPU_SLOTS=off) the allocator steps aside: the scheduler already assigned the job's GPUs.
 """
 

@@ -14,6 +14,10 @@ one run at a time, and earlier results that survive a failed or killed job.
    dated so that Snakemake reruns them, whatever its own metadata says; the reasons are printed.
 4. **dvc.yaml is refreshed** from the same table when params.yaml names other data files.
 5. **Earlier results stay in place** until the new ones are whole (`keep_outputs_in_place`).
+6. **Cluster resources are planned** (`pipeline.resources`) when `--config` names what the cluster
+   offers (`gpu_memory_gb=80` ..., as the SLURM and Kubernetes profiles do): every job's memory, GPUs,
+   time and CPUs from the model's config.json, a setting that cannot fit refused here. Without them
+   (local runs) a GPU job asks for `gpu=1`, the slot allocator's unit, as before.
 """
 
 from __future__ import annotations
@@ -41,12 +45,20 @@ from pruneflow.pipeline.graph import (
     stage_code,
     stage_data,
 )
+from pruneflow.pipeline.resources import (
+    CLUSTER_KEYS,
+    SHARDED_STAGES,
+    ClusterPlan,
+    ClusterSettings,
+    slurm_extra,
+)
 from pruneflow.progress import PROGRESS_FD_ENV
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "snakemake.lock"
 CONSOLE_FD = 3  # a job's descriptor for the console while its stdout and stderr go to its log
+RESUMABLE_RETRIES = 3  # resubmissions of a cluster's recovery job (each resumes from its checkpoint)
 _held_locks: list[int] = []  # file descriptors kept open for the life of the process
 
 
@@ -129,12 +141,18 @@ def keep_outputs_in_place(paths: Iterable[str]) -> None:
 
 
 class SnakemakePipeline:
-    """The checked plan and each rule's parts, for the rules in workflow/rules/*.smk."""
+    """The checked plan and each rule's parts, for the rules in workflow/rules/*.smk.
 
-    def __init__(self, params: Params, root: Path, params_file: str = PARAMS_FILE) -> None:
+    `cluster` is None for local runs; under a cluster executor it holds the planned resources of
+    every job (`pipeline.resources`), or None values where config.json could not be read (fixed ones).
+    """
+
+    def __init__(self, params: Params, root: Path, params_file: str = PARAMS_FILE,
+                 cluster: ClusterPlan | None = None) -> None:
         self.params = params
         self.root = root
         self.params_file = params_file
+        self.cluster = cluster
         self._code = {name: stage_code(root, stage) for name, stage in STAGES.items()}
         self._data = {name: stage_data(params, stage, root) for name, stage in STAGES.items()}
 
@@ -177,7 +195,35 @@ class SnakemakePipeline:
         values = {key: "{wildcards." + key + "}" for key in stage.placeholders}
         # the log gets stdout and stderr; descriptor 3 keeps the console for the progress bars
         line = command(stage, inputs, outputs, values, self.params_file) + f" {CONSOLE_FD}>&2 > {{log}} 2>&1"
+        if name in SHARDED_STAGES:  # `python`, or torchrun with one process per GPU (resources.launcher)
+            line = "{resources.launcher}" + line.removeprefix("python")
         return f"{PROGRESS_FD_ENV}={CONSOLE_FD} " + ((GPU_SLOT_PREFIX + line) if stage.gpu else line)
+
+    def resources(self, name: str) -> dict[str, Any]:
+        """The rule's Snakemake resources: locally `gpu=1` for a GPU stage (what `--resources gpu=N` and
+        the slot allocator count); with the cluster settings each job's planned memory, time, CPUs and
+        GPUs, and for recovery its launcher and sbatch signal flags."""
+        stage = STAGES[name]
+        found: dict[str, Any] = {"launcher": "python"} if name in SHARDED_STAGES else {}
+        if self.cluster is None:
+            return {**({"gpu": 1} if stage.gpu else {}), **found}
+
+        def planned(key: str) -> Callable[[Any], Any]:
+            return lambda wildcards: getattr(self.cluster.job(name, dict(wildcards.items())), key)
+
+        keys = ["mem_mb", "runtime", "cpus_per_task", *(("gpu", "gpu_mem_mb") if stage.gpu else ())]
+        found.update({key: planned(key) for key in keys})
+        if stage.gpu:  # the Kubernetes plugin refuses a GPU request without it (SLURM ignores it)
+            found["gpu_manufacturer"] = "nvidia"
+        if name in SHARDED_STAGES:
+            found["launcher"] = lambda wildcards: self.cluster.launcher(name, dict(wildcards.items()))
+            found["slurm_extra"] = lambda wildcards: slurm_extra(self.cluster.job(name, dict(wildcards.items())))
+        return found
+
+    def retries(self, name: str) -> int:
+        """Resubmissions of a failed job: a cluster's recovery job that stopped on SIGTERM (time limit,
+        preemption) resumes from its checkpoint; local runs do not retry."""
+        return RESUMABLE_RETRIES if self.cluster is not None and name in SHARDED_STAGES else 0
 
     def log(self, name: str, suffix: str = ".log", folder: str = "logs") -> str:
         stage = STAGES[name]
@@ -227,13 +273,19 @@ def start(workflow: Any, params_file: str = PARAMS_FILE) -> SnakemakePipeline:
     from pruneflow.pipeline.records import update_stamps, verdicts
 
     root = Path.cwd()
-    overrides = workflow.config_settings.overwrite_config
+    overrides = dict(workflow.config_settings.overwrite_config or {})
     configfiles = [str(f) for f in (workflow.config_settings.configfiles or [])]
+    # `--config` may set what the cluster offers (pipeline.resources); pipeline settings live in params.yaml
+    settings = {key: overrides.pop(key) for key in CLUSTER_KEYS if key in overrides}
     if overrides or configfiles:
-        given = f"--configfile {' '.join(configfiles)}" if configfiles else f"--config {dict(overrides)}"
+        given = f"--configfile {' '.join(configfiles)}" if configfiles else f"--config {overrides}"
         raise WorkflowError(f"pruneflow plan: error: {given} is not allowed; allowed: settings in {params_file}, "
-                            "which every stage and `dvc repro` read (edit it instead)")
+                            "which every stage and `dvc repro` read (edit it instead), and the cluster settings "
+                            f"{', '.join(CLUSTER_KEYS)}")
     main_process = workflow.exec_mode == ExecMode.DEFAULT
+    # the cluster profiles give these keys (Snakemake passes them on to every job's process); a
+    # Snakefile cannot tell the executor while it is read, so they are what switches the derivation on
+    on_cluster = bool(settings)
     dry_run = bool(getattr(workflow.output_settings, "dryrun", False))
     if main_process and not dry_run:
         try:
@@ -244,9 +296,13 @@ def start(workflow: Any, params_file: str = PARAMS_FILE) -> SnakemakePipeline:
         params = load_params(root / params_file)
         if main_process:
             check_plan(params, root, devices=False)  # devices are checked where the jobs run (onstart, stages)
+        cluster = ClusterPlan.build(params, root, ClusterSettings.from_config(settings)) if on_cluster else None
     except PruneflowError as exc:
         raise WorkflowError(f"pruneflow plan: error: {exc}") from None
-    pipeline = SnakemakePipeline(params, root, params_file)
+    if cluster is not None and cluster.derivation is None and main_process:
+        log.warning(f"pruneflow: the model's config.json cannot be read while planning ({cluster.reason}); every "
+                    "job gets the fixed resources of pruneflow.pipeline.resources.FALLBACK and one GPU")
+    pipeline = SnakemakePipeline(params, root, params_file, cluster)
     if main_process:
         if refresh_dvc_yaml(params, root):
             log.warning("pruneflow: dvc.yaml regenerated from params.yaml and the source")

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_file(args.model, "model folder")
 
     from pruneflow.activations import activation_statistics
-    from pruneflow.checkpoint import load_pruned
+    from pruneflow.layerwise import open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -37,10 +37,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     tracked = stage_params(params, "seed", "runtime", "activations")
     with stage_run(STAGE, settings=params.mlflow, params=tracked,
                    inputs={"model": args.model, "calibration": args.calibration}) as run:
-        model = load_pruned(args.model, dtype=dtype, device=device)
-        stats = activation_statistics(model, ids, params, device)
+        model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
+                                          tokens=ids.numel(), what=STAGE)
+        stats = activation_statistics(model, ids, params, device, layer_weights=layer_weights)
         record = recorder(STAGE, inputs={"model": args.model, "calibration": args.calibration}).record(params)
         save_tensors(args.out, stats, {"command": command_line(), "device": str(device),
+                                       "execution": "whole_model" if layer_weights is None else "layer_by_layer",
                                        RECORD_KEY: json.dumps(record, sort_keys=True)})
         run.log_metrics({"tokens": int(stats["num_tokens"].item()), "tensors": len(stats)})
 

@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.architectures import count_parameters
     from pruneflow.checkpoint import load_pruned
     from pruneflow.efficiency import measure_efficiency
+    from pruneflow.layerwise import open_model
     from pruneflow.perplexity import perplexity, tokenize_text
     from pruneflow.pipeline.atomic import write_json
     from pruneflow.pipeline.graph import evaluation_files, project_path, stage_for_model_id
@@ -108,22 +109,35 @@ def main(argv: Sequence[str] | None = None) -> None:
                    inputs={"model": args.model, **{f"data{i}": path for i, path in enumerate(data_files)}}) as run:
         started = time.perf_counter()
         tokenizer = load_tokenizer(args.model)
-        model = load_pruned(args.model, dtype=dtype, device=device)
+        texts = {name: tokenize_text(evaluation_text(name, args.data_dir), tokenizer) for name in cfg.ppl_datasets}
+        # layer by layer, every window of a perplexity pass is on the device between layers
+        pass_tokens = max((ids.numel() if cfg.ppl_max_windows is None
+                           else min(ids.numel(), cfg.ppl_max_windows * cfg.ppl_seq_lens[0]) for ids in texts.values()),
+                          default=0)
+        model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
+                                          tokens=pass_tokens, what=STAGE)
+        execution = "whole_model" if layer_weights is None else "layer_by_layer"
         timing = {"load_s": time.perf_counter() - started}
         mark = time.perf_counter()
         ppl_by_seq_len: dict[str, dict[str, Any]] = {}
-        for name in cfg.ppl_datasets:
-            ids = tokenize_text(evaluation_text(name, args.data_dir), tokenizer)
+        for name, ids in texts.items():
             for seq_len in cfg.ppl_seq_lens:
                 # the same token budget at every length: max_windows counts windows of the headline length
                 windows = (None if cfg.ppl_max_windows is None
                            else max(1, cfg.ppl_max_windows * cfg.ppl_seq_lens[0] // seq_len))
                 batch = max(1, cfg.ppl_batch_size * cfg.ppl_seq_lens[0] // seq_len)
-                result = perplexity(model, ids, seq_len=seq_len, batch_size=batch, max_windows=windows, device=device)
+                result = perplexity(model, ids, seq_len=seq_len, batch_size=batch, max_windows=windows, device=device,
+                                    layer_weights=layer_weights)
                 ppl_by_seq_len.setdefault(str(seq_len), {})[name] = {**result.to_dict(),
                                                                      "split": PPL_SOURCES[name][1]}
         ppl = ppl_by_seq_len.get(str(cfg.ppl_seq_lens[0]), {})  # {} in a zero-shot-only run
         timing["perplexity_s"], mark = time.perf_counter() - mark, time.perf_counter()
+        if layer_weights is not None:
+            # lm-eval and the timing loops call the model as a whole: accelerate spreads it over the visible
+            # devices and host memory (big-model inference), so these run, slower than on one device
+            params_count = count_parameters(model)
+            del model, layer_weights
+            model = load_pruned(args.model, dtype=dtype, device_map="auto")
         zeroshot = {}
         if cfg.zeroshot_tasks:
             zeroshot = evaluate_zeroshot(model, tokenizer, cfg.zeroshot_tasks, args.data_dir,
@@ -137,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics = {
             "model_id": args.model_id,
             **identity,
-            "params": count_parameters(model),
+            "params": count_parameters(model) if execution == "whole_model" else params_count,
             "perplexity": ppl,
             "perplexity_by_seq_len": ppl_by_seq_len,
             "zeroshot": zeroshot,
@@ -147,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "efficiency": efficiency,
             "summaries": _model_summaries(args.model),
             "setting": {"scale": params.scale, "evaluate": stage_params(params, "evaluate"),
-                        "device": str(device), "dtype": str(dtype).removeprefix("torch.")},
+                        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "execution": execution},
             "seconds": time.perf_counter() - started,
             "timing": timing,
             "command": command_line(),

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = params.prune
     adds_bias = settings.reconstruction in BIAS_RECONSTRUCTIONS
     require_file(args.model, "model folder")
-    from pruneflow.checkpoint import checkpoint_dtype, load_pruned, read_config_dict, save_pruned
+    from pruneflow.checkpoint import checkpoint_dtype, read_config_dict, save_pruned
     from pruneflow.surgery import layers_to_prune, prune_scored
 
     model_config = read_config_dict(args.model)
@@ -90,11 +90,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         from pruneflow.errors import ConfigError
 
         raise ConfigError(f"--calibration is required by {why}; pass the calibration ids file")
+    import torch
+
+    from pruneflow.layerwise import open_model
     from pruneflow.runtime import resolve_device
 
-    # fp32 for exact surgery and solves; forward passes (sequential mode, Gram matrices not cached) on the device
+    # fp32 for exact surgery and solves; forward passes (sequential mode, Gram matrices not cached) on the
+    # device, one layer at a time when the model does not fit there (the model then stays in host memory)
     device = resolve_device(params.runtime.device)
-    model = load_pruned(args.model, device=device)
+    model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=torch.float32,
+                                      device=device, resident=True,
+                                      tokens=0 if calibration_ids is None else calibration_ids.numel(),
+                                      what="prune")
     tokenizer = load_tokenizer(args.model)
     tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio,
                **({"servable": True} if args.servable else {})}
@@ -103,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    run_name=f"prune {args.criterion} {ratio}",
                    inputs={"model": args.model, "scores": args.scores}) as run:
         summary = prune_scored(model, scores, ratio, params, calibration_ids=calibration_ids,
-                               activations=activations, servable=args.servable, device=device)
+                               activations=activations, servable=args.servable, device=device,
+                               layer_weights=layer_weights)
         seconds = summary.pop("surgery_seconds")  # wall time goes to MLflow only (see below)
         summary["command"] = command_line()
         with atomic_dir(args.out) as tmp:

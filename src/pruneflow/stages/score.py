@@ -35,8 +35,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from pruneflow.activations import load_activation_stats
-    from pruneflow.checkpoint import load_pruned
     from pruneflow.importance import score_groups
+    from pruneflow.layerwise import open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -50,14 +50,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_run(STAGE, settings=params.mlflow, params=tracked, tags={"pruneflow.criterion": criterion.name},
                    run_name=f"score {criterion.name}",
                    inputs={"model": args.model, "calibration": args.calibration, "activations": args.activations}) as run:
-        model = load_pruned(args.model, dtype=dtype, device=device)
+        # gradient criteria take their gradients one layer at a time when the model (with them) does not fit;
+        # weight-based criteria then read the weights in host memory
+        gradients = ("fisher" if getattr(criterion, "uses_fisher", False)
+                     else "mean" if criterion.needs_gradients else "none")
+        model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
+                                          resident=not criterion.needs_gradients, tokens=ids.numel(),
+                                          gradients=gradients, what=f"score {criterion.name}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        scores = score_groups(model, criterion.name, ids, activations, params, device, dtype)
+        scores = score_groups(model, criterion.name, ids, activations, params, device, dtype,
+                              layer_weights=layer_weights)
         seconds = time.perf_counter() - started
         scores.metadata.update({
             "criterion": criterion.name, "command": command_line(), "device": str(device),
+            "execution": "whole_model" if layer_weights is None else "layer_by_layer",
             "calibration_samples": str(ids.shape[0]), "calibration_seq_len": str(ids.shape[1]),
             RECORD_KEY: json.dumps(recorder(STAGE, {"criterion": criterion.name}, inputs={
                 "model": args.model, "calibration": args.calibration, "activations": args.activations,

@@ -1,0 +1,270 @@
+"""Peak memory and time of cache_activations, score and prune, whole model vs layer by layer, as models grow.
+
+Random Llama models (no weights to download) of one width and growing depth are saved as safetensors
+folders; each stage CLI then runs in its own process with `runtime.execution` set to `whole_model`
+and to `layer_by_layer`, and the process's peak RSS (getrusage) and wall time are recorded. On a CPU
+the host is the device, so peak RSS is what a GPU's memory would hold. Both paths' outputs are
+compared (activation statistics, scores, pruned weights: equal or not). A second table applies the
+memory arithmetic the automatic choice uses (`pruneflow.layerwise.memory_need`) to published 7B and
+70B shapes on one 80 GB GPU. Writes OUT.json and OUT.md.
+
+    python benchmarks/scaling.py --layers 2 8 31
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+STAGES = ("cache_activations", "score", "prune")
+EXECUTIONS = ("whole_model", "layer_by_layer")
+# published config.json shapes: TinyLlama-1.1B's width (the random models), Llama-2-7B, Llama-3-70B
+TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4,
+             "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+LARGE = {
+    "Llama-2-7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000,
+                   "tie_word_embeddings": False},
+    "Llama-3-70B": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                    "num_key_value_heads": 8, "num_hidden_layers": 80, "vocab_size": 128256,
+                    "tie_word_embeddings": False},
+}
+GPU_BYTES = 80 * 10**9  # one 80 GB GPU (A100 / H100 80GB)
+
+
+def build_model(folder: Path, layers: int, args: argparse.Namespace) -> int:
+    """A random Llama of the TinyLlama width with `layers` decoder layers, its tokenizer and random
+    calibration ids; returns the parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruneflow.tensor_files import save_tensors
+    from pruneflow.tiny_models import tiny_tokenizer
+
+    config = LlamaConfig(**TINYLLAMA, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # the default init's std 0.02 on every layer: keep activations of a deep stack finite
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, 1.0 / module.in_features**0.5)
+    model.save_pretrained(folder / "model")
+    tiny_tokenizer().save_pretrained(folder / "model")
+    ids = torch.randint(3, TINYLLAMA["vocab_size"], (args.samples, args.seq_len),
+                        generator=torch.Generator().manual_seed(1))
+    save_tensors(folder / "calibration.safetensors", {"input_ids": ids}, {"source": "random ids"})
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_params(folder: Path, execution: str, layers: int, args: argparse.Namespace) -> Path:
+    overrides = {
+        "scale": "full",
+        "runtime": {"device": "cpu", "dtype": "float32", "execution": execution},
+        "calibration": {"num_samples": args.samples, "seq_len": args.seq_len},
+        # no cached Gram matrices (4 (h^2 + f^2) bytes per layer): prune's re-fit then runs its own forward pass
+        "activations": {"batch_size": 4, "max_tokens": 128, "gram_matrices": False},
+        "score": {"micro_batch_size": 2},
+        # no re-fit: its least-squares solves (CPU-bound, the same in both paths) would dominate the time
+        "prune": {"layer_start": 0, "layer_end": layers, "attention_unit": "kv_group", "reconstruction": "none"},
+        "mlflow": {"enabled": False},
+    }
+    params = _merge(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()), overrides)
+    path = folder / f"params-{execution}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(base.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def stage_argv(stage: str, folder: Path, execution: str, criterion: str) -> list[str]:
+    model, cal, out = folder / "model", folder / "calibration.safetensors", folder / execution
+    common = ["--params", str(folder / f"params-{execution}.yaml")]
+    if stage == "cache_activations":
+        return [*common, "--model", str(model), "--calibration", str(cal), "--out", str(out / "act.safetensors")]
+    if stage == "score":
+        return [*common, "--model", str(model), "--calibration", str(cal), "--activations",
+                str(out / "act.safetensors"), "--criterion", criterion, "--out", str(out / "scores.safetensors")]
+    return [*common, "--model", str(model), "--scores", str(out / "scores.safetensors"), "--activations",
+            str(out / "act.safetensors"), "--calibration", str(cal), "--criterion", criterion, "--ratio", "0.2",
+            "--out", str(out / "pruned")]
+
+
+def run_stage(stage: str, argv: list[str], threads: int) -> dict:
+    """In this (child) process: one stage CLI; its wall time and this process's peak RSS."""
+    import importlib
+
+    torch.set_num_threads(threads)
+    module = importlib.import_module(f"pruneflow.stages.{stage}")
+    baseline = peak_rss_gb()
+    started = time.perf_counter()
+    module.main(argv)
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": peak_rss_gb(),
+            "rss_after_imports_gb": baseline}
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss, which keeps the high-water
+    mark of the parent's memory image across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024**2, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def compare_outputs(folder: Path) -> dict[str, bool]:
+    whole, streamed = folder / "whole_model", folder / "layer_by_layer"
+    return {"activations": _same_tensors(whole / "act.safetensors", streamed / "act.safetensors"),
+            "scores": _same_tensors(whole / "scores.safetensors", streamed / "scores.safetensors"),
+            "pruned_weights": _same_tensors(whole / "pruned" / "model.safetensors",
+                                            streamed / "pruned" / "model.safetensors")}
+
+
+def large_model_arithmetic(calibration_tokens: int, ppl_tokens: int) -> list[dict]:
+    """What `memory_need` (the automatic choice's arithmetic) gives for 7B and 70B in bf16."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruneflow.layerwise import memory_need
+
+    rows = []
+    for name, fields in LARGE.items():
+        with init_empty_weights():
+            model = LlamaForCausalLM(LlamaConfig(**fields))
+        params = sum(p.numel() for p in model.parameters())
+        for what, tokens, gradients in (("cache_activations", calibration_tokens, "none"),
+                                        ("score taylor (mean gradient)", calibration_tokens, "mean"),
+                                        ("score taylor_element2 (Fisher)", calibration_tokens, "fisher"),
+                                        ("evaluate perplexity", ppl_tokens, "none")):
+            need = memory_need(model, torch.bfloat16, tokens=tokens, gradients=gradients)
+            rows.append({"model": name, "params": params, "pass": what, "tokens": tokens,
+                         **{k: round(v / 1e9, 2) for k, v in need.to_dict().items()},
+                         "whole_model_fits_80gb": need.whole_model <= GPU_BYTES,
+                         "layer_by_layer_fits_80gb": need.layer_by_layer <= GPU_BYTES})
+    return rows
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# Whole model vs layer by layer as the model grows", "",
+             f"Command: `{report['command']}`  ", f"Device: {report['device']}", "",
+             f"Random Llama models of TinyLlama-1.1B's width (hidden 2048, FFN 5632, 32 heads / 4 KV heads, "
+             f"32000-token vocabulary), fp32, {report['samples']} calibration sequences x {report['seq_len']} tokens, "
+             f"criterion {report['criterion']}, prune ratio 0.2 of layers 0..L-1 without re-fit (the structure "
+             "search and surgery; re-fitting is measured in reconstruction.md). Each stage in its own process; peak RSS of that process (on a CPU the host is the "
+             "device). 'same output' compares the two paths' files tensor by tensor.", "",
+             "| layers | params (B) | stage | whole model: peak RSS GB / s | layer by layer: peak RSS GB / s |",
+             "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        for stage in STAGES:
+            cells = []
+            for execution in EXECUTIONS:
+                r = row["stages"].get(execution, {}).get(stage, {})
+                cells.append(f"{r['peak_rss_gb']} / {r['seconds']}" if "peak_rss_gb" in r else
+                             f"failed: {r.get('error', 'not run')}")
+            lines.append(f"| {row['layers']} | {row['params'] / 1e9:.2f} | {stage} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Same output (whole model vs layer by layer): " + "; ".join(
+        f"{row['layers']} layers: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in row["same_output"].items())
+        for row in report["rows"] if "same_output" in row), ""]
+    lines += ["## 7B and 70B on one 80 GB GPU (bf16, the automatic choice's arithmetic)", "",
+              "`pruneflow.layerwise.memory_need`: weights (+ for Taylor one gradient per projection weight and "
+              "the float64 element scores of the layer being scored; + fp32 gradient and Fisher buffers for "
+              "Element^2), + hidden states entering and leaving a layer (tokens x hidden x 2 bytes x 2), x 1.25 "
+              "headroom. Layer by layer: the largest layer (with its gradient) + embeddings and head + hidden "
+              "states.", "",
+              "| model | pass | tokens | whole model GB | layer by layer GB | largest layer GB | embeddings + head GB | "
+              "fits 80 GB whole / layer by layer |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["large_models"]:
+        lines.append(f"| {r['model']} ({r['params'] / 1e9:.1f}B) | {r['pass']} | {r['tokens']} | {r['whole_model']} | "
+                     f"{r['layer_by_layer']} | {r['largest_layer']} | {r['outside_layers']} | "
+                     f"{'yes' if r['whole_model_fits_80gb'] else 'no'} / "
+                     f"{'yes' if r['layer_by_layer_fits_80gb'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 31])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--criterion", default="taylor_element1")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ppl-tokens", type=int, default=340_000,
+                        help="tokens of one perplexity pass (7B/70B table; WikiText-2 test is about 340k Llama tokens)")
+    parser.add_argument("--large-calibration-tokens", type=int, default=512 * 128,
+                        help="calibration tokens of one pass (7B/70B table; the default params: 512 x 128)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where models are built (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/scaling"))
+    raw = argv if argv is not None else sys.argv[1:]
+    if raw[:1] == ["--build"]:  # the model in its own process, so this one stays small
+        folder, layers, samples, seq_len = raw[1:5]
+        built = build_model(Path(folder), int(layers), argparse.Namespace(samples=int(samples), seq_len=int(seq_len)))
+        print(f"PARAMS{built}")
+        return 0
+    if raw[:1] == ["--child"]:  # one stage in this process: --child STAGE THREADS STAGE-ARGS...
+        print("RESULT" + json.dumps(run_stage(raw[1], raw[3:], int(raw[2]))))
+        return 0
+    args = parser.parse_args(raw)
+    command = " ".join(["python", "benchmarks/scaling.py", *map(shlex.quote, raw)])
+    rows = []
+    workdir = Path(tempfile.mkdtemp(dir=args.workdir))
+    try:
+        for layers in args.layers:
+            folder = workdir / f"layers{layers}"
+            folder.mkdir()
+            built = subprocess.run([sys.executable, __file__, "--build", str(folder), str(layers), str(args.samples),
+                                    str(args.seq_len)], capture_output=True, text=True, check=True)
+            row = {"layers": layers, "params": int(built.stdout.split("PARAMS", 1)[1]), "stages": {}}
+            for execution in EXECUTIONS:
+                write_params(folder, execution, layers, args)
+                results = row["stages"][execution] = {}
+                for stage in STAGES:
+                    done = subprocess.run(
+                        [sys.executable, __file__, "--child", stage, str(args.threads),
+                         *stage_argv(stage, folder, execution, args.criterion)],
+                        capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                    if done.returncode == 0 and "RESULT" in done.stdout:
+                        results[stage] = json.loads(done.stdout.split("RESULT", 1)[1])
+                    else:
+                        results[stage] = {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+                    print(layers, execution, stage, json.dumps(results[stage]), flush=True)
+            if all("error" not in r for e in row["stages"].values() for r in e.values()):
+                row["same_output"] = compare_outputs(folder)
+            rows.append(row)
+            shutil.rmtree(folder)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    from pruneflow.pipeline.atomic import write_json, write_text
+
+    device = f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads), torch {torch.__version__}"
+    report = {"command": command, "device": device, "samples": args.samples, "seq_len": args.seq_len,
+              "criterion": args.criterion, "rows": rows,
+              "large_models": large_model_arithmetic(args.large_calibration_tokens, args.ppl_tokens)}
+    write_json(args.out.with_suffix(".json"), report)
+    write_text(args.out.with_suffix(".md"), _markdown(report))
+    return 0 if all(all(r.get("same_output", {"run": False}).values()) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The recover stage interrupted and on several processes: a run stopped by SIGTERM (a cluster's notice
+before preemption) or killed by SIGKILL resumes from its state folder to exactly the uninterrupted
+result, and two processes (torchrun, gloo on the CPU) train exactly as one.
+
+Stage processes are held at a checkpoint by a `sitecustomize` hook (as in tests/kill_hook.py), so
+the signals arrive at a known step; production code has no test switch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .kill_hook import PATCH_ON_IMPORT
+from .tiny_project import project_env, run_stages_in_process, set_param
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODEL, TEACHER = "data/pruned/l2_magnitude/0.3", "data/models/dense"
+# 12 training blocks, batch 4 (2 micro-batches of 2): 3 steps an epoch, 12 steps over 4 epochs, a
+# checkpoint every 2 steps, validation every 4
+SETTINGS = {"max_steps": 12, "num_epochs": 4, "max_train_samples": 12, "batch_size": 4, "micro_batch_size": 2,
+            "cutoff_len": 32, "val_size": 4, "warmup_steps": 2, "eval_every_steps": 4, "save_every_steps": 2}
+PREEMPTED = 143
+
+# Holds the stage when it completes a checkpoint ("after:checkpoint-N") or right before ("before:...",
+# Trainer's files written, the run record not yet): writes <state>/paused, waits for <state>/release.
+_HOOK = PATCH_ON_IMPORT + '''
+import os
+import time
+
+_AT = os.environ.get("PRUNEFLOW_TEST_HOLD_AT_CHECKPOINT", "")
+_STATE = os.environ.get("PRUNEFLOW_TEST_HOOK_STATE", ".")
+
+
+def _hold():
+    with open(os.path.join(_STATE, "paused.tmp"), "w") as handle:
+        handle.write(str(os.getpid()))
+    os.replace(os.path.join(_STATE, "paused.tmp"), os.path.join(_STATE, "paused"))
+    while not os.path.exists(os.path.join(_STATE, "release")):
+        time.sleep(0.02)
+
+
+def _install(module):
+    save = module._RunRecord.save
+    when, name = _AT.split(":")
+
+    def holding_save(self, folder, fingerprint):
+        if when == "before" and folder.name == name:
+            _hold()
+        save(self, folder, fingerprint)
+        if when == "after" and folder.name == name:
+            _hold()
+
+    module._RunRecord.save = holding_save
+
+
+if _AT:
+    _patch_on_import("pruneflow.recovery", _install)
+'''
+
+
+def _project(staged_project: Path, root: Path, **settings) -> Path:
+    shutil.copytree(staged_project, root)
+    for key, value in {**SETTINGS, **settings}.items():
+        set_param(root, f"laptop.recover.{key}", value)
+    return root
+
+
+def _argv(out: str) -> list[str]:
+    return ["--model", MODEL, "--teacher", TEACHER, "--out", out]
+
+
+def _env(root: Path, hook: Path | None = None, hold_at: str = "") -> dict[str, str]:
+    env = {**project_env(root), "OMP_NUM_THREADS": "1", "PRUNEFLOW_PROGRESS": "0"}
+    if hook is not None:
+        hook.mkdir(parents=True, exist_ok=True)
+        (hook / "sitecustomize.py").write_text(_HOOK)
+        env.update(PYTHONPATH=os.pathsep.join([str(hook), str(root / "src")]),
+                   PRUNEFLOW_TEST_HOLD_AT_CHECKPOINT=hold_at, PRUNEFLOW_TEST_HOOK_STATE=str(hook))
+    return env
+
+
+def _start(root: Path, out: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "pruneflow.stages.recover", *_argv(out)], cwd=root, env=env,
+                                stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _wait_until_held(process: subprocess.Popen, hook: Path, log: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not (hook / "paused").exists():
+        assert process.poll() is None, f"the stage ended ({process.returncode}) before the checkpoint:\n" \
+                                       f"{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+
+
+def _rerun(root: Path, out: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pruneflow.stages.recover", *_argv(out)], cwd=root,
+                            env=_env(root), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _summary(folder: Path) -> dict:
+    return json.loads((folder / "recovery_summary.json").read_text())
+
+
+def _assert_same_training(folder: Path, reference: Path) -> None:
+    """History and merged weights of a resumed run are exactly those of the uninterrupted one."""
+    assert _summary(folder)["history"] == _summary(reference)["history"]
+    weights, expected = load_file(folder / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def lora_project(staged_project, tmp_path_factory) -> Path:
+    """The tiny project's recipe (distillation, LoRA with dropout 0.05: the RNG state must resume too),
+    and its uninterrupted result under data/recovered/reference."""
+    root = _project(staged_project, tmp_path_factory.mktemp("preempt") / "project", method="lora")
+    run_stages_in_process(root, commands=[("recover", _argv("data/recovered/reference"))])
+    assert not (root / "data/recovered/.reference.state").exists()  # removed once the output is whole
+    return root
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(lora_project, tmp_path):
+    out = lora_project / "data/recovered/sigterm"
+    state = lora_project / "data/recovered/.sigterm.state"
+    hook, log = tmp_path / "hook", tmp_path / "stage.log"
+    process = _start(lora_project, "data/recovered/sigterm", _env(lora_project, hook, "after:checkpoint-2"), log)
+    _wait_until_held(process, hook, log)
+    process.send_signal(signal.SIGTERM)
+    (hook / "release").touch()
+    assert process.wait(timeout=240) == PREEMPTED, log.read_text()[-3000:]
+    assert "SIGTERM: training stopped after step 3 of 12" in log.read_text()
+    assert not out.exists(), "a preempted run must not write its output"
+    assert sorted(p.name for p in state.iterdir()) == ["checkpoint-3", "fingerprint.txt"]
+    assert (state / "checkpoint-3/pruneflow_record.json").is_file()
+
+    rerun = _rerun(lora_project, "data/recovered/sigterm")
+    assert "resuming from" in rerun.stderr and "checkpoint-3" in rerun.stderr
+    assert _summary(out)["resumed_from_step"] == 3
+    _assert_same_training(out, lora_project / "data/recovered/reference")
+    assert not state.exists()
+
+
+def test_sigkill_resumes_from_the_last_complete_checkpoint(lora_project, tmp_path):
+    out = lora_project / "data/recovered/sigkill"
+    state = lora_project / "data/recovered/.sigkill.state"
+    hook, log = tmp_path / "hook", tmp_path / "stage.log"
+    # killed while checkpoint-6 is half written: Trainer's files are there, the run record is not
+    process = _start(lora_project, "data/recovered/sigkill", _env(lora_project, hook, "before:checkpoint-6"), log)
+    _wait_until_held(process, hook, log)
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert not out.exists()
+    assert {p.name for p in state.iterdir()} == {"checkpoint-4", "checkpoint-6", "fingerprint.txt"}
+    assert not (state / "checkpoint-6/pruneflow_record.json").exists()
+
+    _rerun(lora_project, "data/recovered/sigkill")
+    assert _summary(out)["resumed_from_step"] == 4
+    _assert_same_training(out, lora_project / "data/recovered/reference")
+    assert not state.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_train_as_one(staged_project, tmp_path):
+    """torchrun, 2 processes x micro-batch 2 x accumulation 1 against 1 process x 2 x 2: the same global
+    batches, losses normalised by the global token count. Measured on the CPU: identical to the bit; the
+    tolerance (1e-6) leaves room for another reduction order of gloo."""
+    root = _project(staged_project, tmp_path / "project", method="full")
+    run_stages_in_process(root, commands=[("recover", _argv("data/recovered/one"))])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "pruneflow.stages.recover", *_argv("data/recovered/two")]
+    result = subprocess.run(command, cwd=root, env={**_env(root), "PRUNEFLOW_PROGRESS": "0"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = _summary(root / "data/recovered/one"), _summary(root / "data/recovered/two")
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert [sorted(h) for h in two["history"]] == [sorted(h) for h in one["history"]]
+    for mine, single in zip(two["history"], one["history"], strict=True):
+        assert mine["step"] == single["step"]
+        for key in ("loss", "lm_loss", "val_loss", "val_lm_loss", "grad_norm", "learning_rate"):
+            if key in single:
+                assert mine[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), (mine, single)
+        assert mine.get("tokens") == single.get("tokens")  # the same examples in every step
+    weights, expected = load_file(root / "data/recovered/two/model.safetensors"), \
+        load_file(root / "data/recovered/one/model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6)
+    # only the main process wrote: one output folder each, no temporaries or state left behind
+    assert sorted(p.name for p in (root / "data/recovered").iterdir()) == ["one", "two"]
