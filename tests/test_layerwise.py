@@ -293,3 +293,15 @@ def test_the_python_api_prunes_layer_by_layer_to_the_same_model(folders, tokeniz
         summary.pop("surgery_seconds", None)
     assert summary_a == summary_b and summary_a["reconstruction_errors"]
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_layers_read_under_inference_mode_can_take_gradients_later(folders, tokenizer, one_thread):
+    """Perplexity (under torch.inference_mode) then Taylor scoring on the same layer-by-layer model:
+    weights read or moved during the first pass stay ordinary tensors, so the second can differentiate."""
+    ids = _ids(tokenizer, rows=4)
+    skeleton, from_disk = open_layer_by_layer(folders["llama"], dtype=torch.bfloat16, device="cpu")
+    perplexity(skeleton, ids.reshape(-1), seq_len=16, batch_size=2, layer_weights=from_disk)
+    got = get_criterion("taylor_element1").score(skeleton, ScoringInputs(calibration_ids=ids, layer_weights=from_disk))
+    expected = get_criterion("taylor_element1").score(load_pruned(folders["llama"], dtype=torch.bfloat16),
+                                                      ScoringInputs(calibration_ids=ids))
+    assert all(torch.equal(a, b) for a, b in zip(expected.ffn, got.ffn, strict=True))

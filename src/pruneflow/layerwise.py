@@ -77,8 +77,14 @@ def _layers_replaced(model: nn.Module, on_call) -> Iterator[None]:
 
 def outside_layers_to(model: nn.Module, device: torch.device | str) -> None:
     """Move every module but the decoder layers (embeddings, rotary tables, final norm, head) to `device`."""
-    with _layers_replaced(model, lambda *_: None):
+    with _layers_replaced(model, lambda *_: None), _ordinary_tensors():
         model.to(device)
+
+
+def _ordinary_tensors() -> contextlib.AbstractContextManager:
+    """Weights moved or read while a caller runs under `torch.inference_mode` (perplexity, activation
+    statistics) must stay ordinary tensors: a later gradient pass (Taylor) sets requires_grad on them."""
+    return torch.inference_mode(False)
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -111,10 +117,12 @@ class ResidentWeights(LayerWeights):
     home: torch.device | str = "cpu"
 
     def load(self, index: int, layer: nn.Module, device: torch.device) -> None:
-        layer.to(device)
+        with _ordinary_tensors():
+            layer.to(device)
 
     def unload(self, index: int, layer: nn.Module) -> None:
-        layer.to(self.home)
+        with _ordinary_tensors():
+            layer.to(self.home)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -240,13 +248,15 @@ class CheckpointWeights(LayerWeights):
             head.weight = model.get_input_embeddings().weight
 
     def load(self, index: int, layer: nn.Module, device: torch.device) -> None:
-        self._fill(layer, self._prefixes[index], device)
+        with _ordinary_tensors():
+            self._fill(layer, self._prefixes[index], device)
 
     def unload(self, index: int, layer: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, _ in list(layer.named_parameters()):
-            set_module_tensor_to_device(layer, name, "meta")
+        with _ordinary_tensors():
+            for name, _ in list(layer.named_parameters()):
+                set_module_tensor_to_device(layer, name, "meta")
 
 
 def open_layer_by_layer(folder: str | Path, *, dtype: torch.dtype, device: torch.device | str
