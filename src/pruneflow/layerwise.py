@@ -1,7 +1,8 @@
 """Layer-by-layer forward passes: one decoder layer on the device at a time.
 
 A model bigger than its device still runs the forward-only work (activation statistics, Gram
-matrices, sequential re-fitting, perplexity) the way SparseGPT, FLAP and llm-compressor calibrate:
+matrices, sequential re-fitting, perplexity; Taylor gradients build on it in `importance.taylor`)
+the way SparseGPT, FLAP and llm-compressor calibrate:
 the batches are embedded once, then each decoder layer in turn is brought to the device, runs every
 batch's hidden states, and hands its outputs on to the next layer. Peak device memory is one layer,
 the modules outside the layers (embeddings, final norm, head) and the batches' hidden states,
