@@ -431,6 +431,14 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 GRADIENTS = ("none", "mean", "fisher")
 
 
+def gradients_of(criterion) -> str:
+    """What a criterion's pass keeps besides the weights (`memory_need`'s `gradients`): Taylor Element^2
+    a per-sample Fisher, the other gradient criteria a mean gradient, every other criterion nothing."""
+    if getattr(criterion, "uses_fisher", False):
+        return "fisher"
+    return "mean" if criterion.needs_gradients else "none"
+
+
 @dataclass(frozen=True)
 class MemoryNeed:
     """Bytes a pass needs on its device, whole model at once or one decoder layer at a time.

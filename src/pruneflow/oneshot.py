@@ -135,7 +135,7 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
     """`prune`'s work on a model in eval mode (prune restores what it changes)."""
     from pruneflow.activations import activation_statistics
     from pruneflow.importance import score_groups
-    from pruneflow.layerwise import ResidentWeights, choose_execution
+    from pruneflow.layerwise import ResidentWeights, choose_execution, gradients_of
     from pruneflow.surgery import prune_scored
 
     came_as = next(model.parameters()).dtype
@@ -146,10 +146,8 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
     execution = settings.runtime.execution
     if execution == "auto" and home == target:
         execution = "whole_model"  # already on the device: nothing to fit
-    gradients = ("fisher" if getattr(scorer, "uses_fisher", False)
-                 else "mean" if scorer.needs_gradients else "none")
-    execution = choose_execution(execution, model, work_dtype, target, tokens=ids.numel(), gradients=gradients,
-                                 what=f"pruneflow.prune with {criterion}")
+    execution = choose_execution(execution, model, work_dtype, target, tokens=ids.numel(),
+                                 gradients=gradients_of(scorer), what=f"pruneflow.prune with {criterion}")
     layer_weights = ResidentWeights(home) if execution == "layer_by_layer" else None
     with torch.no_grad():
         working = model if layer_weights is not None else model.to(target)

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.activations import load_activation_stats
     from pruneflow.importance import score_groups
-    from pruneflow.layerwise import open_model
+    from pruneflow.layerwise import gradients_of, open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -52,11 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    inputs={"model": args.model, "calibration": args.calibration, "activations": args.activations}) as run:
         # gradient criteria take their gradients one layer at a time when the model (with them) does not fit;
         # weight-based criteria then read the weights in host memory
-        gradients = ("fisher" if getattr(criterion, "uses_fisher", False)
-                     else "mean" if criterion.needs_gradients else "none")
         model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
                                           resident=not criterion.needs_gradients, tokens=ids.numel(),
-                                          gradients=gradients, what=f"score {criterion.name}")
+                                          gradients=gradients_of(criterion), what=f"score {criterion.name}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
