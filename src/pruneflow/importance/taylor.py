@@ -105,6 +105,15 @@ class _Taylor(Aggregated):
     def element(self, weight: torch.Tensor, gradient: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def element_scores(self, fisher: dict[int, torch.Tensor]):
+        """`element` of each projection parameter from its `.grad` and its Fisher (keyed by id(param))."""
+
+        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
+            param = getattr(module, kind)
+            return self.element(param.detach().float(), param.grad.float(), fisher.get(id(param)))
+
+        return element
+
     def score(self, model: nn.Module, inputs: ScoringInputs) -> GroupScores:
         if inputs.layer_weights is not None:
             return layerwise_scores(model, inputs, self)
@@ -113,13 +122,9 @@ class _Taylor(Aggregated):
         else:
             accumulate_gradients(model, inputs)
             fisher = {}
-
-        def element(_index: int, _name: str, module: nn.Linear, kind: str) -> torch.Tensor:
-            param = getattr(module, kind)
-            return self.element(param.detach().float(), param.grad.float(), fisher.get(id(param)))
-
         try:
-            return score_elementwise(model, element, self.aggregation, absolute_per_matrix=self.absolute_per_matrix)
+            return score_elementwise(model, self.element_scores(fisher), self.aggregation,
+                                     absolute_per_matrix=self.absolute_per_matrix)
         finally:
             fisher.clear()
             release_gradients(model)
@@ -171,14 +176,12 @@ def layerwise_scores(model: nn.Module, inputs: ScoringInputs, criterion: _Taylor
     with layerwise.outside_on(model, weights, device):
         captured = layerwise.capture_inputs(model, ids, batch_size=chunk, device=device)
         # every layer's input hidden states, kept in host memory
-        stored = [[h.cpu() for h in captured.hidden]]
+        stored = []
         hidden = captured.hidden
-        for index in range(len(blocks) - 1):
+        for index in range(len(blocks)):
+            stored.append([h.cpu() for h in hidden])
             hidden = layerwise.run_layers(model, layerwise.LayerInputs(hidden, captured.arguments), weights, device,
                                           layers=[index])
-            stored.append([h.cpu() for h in hidden])
-        hidden = layerwise.run_layers(model, layerwise.LayerInputs(hidden, captured.arguments), weights, device,
-                                      layers=[len(blocks) - 1])
         # dL/d(last layer's output), micro-batch by micro-batch, from the model's own head and loss
         upstream = []
         for ids_chunk, out in zip(chunks, hidden, strict=True):
@@ -196,12 +199,7 @@ def layerwise_scores(model: nn.Module, inputs: ScoringInputs, criterion: _Taylor
             try:
                 upstream, fisher = _layer_backward(layer, stored[index], captured.arguments[index], upstream,
                                                    device, total, criterion.uses_fisher, need_input_grad=index > 0)
-
-                def element(_index: int, _name: str, module: nn.Linear, kind: str, _fisher=fisher) -> torch.Tensor:
-                    param = getattr(module, kind)
-                    return criterion.element(param.detach().float(), param.grad.float(), _fisher.get(id(param)))
-
-                rows[index] = score_layer(layer, index, size, element, criterion.aggregation,
+                rows[index] = score_layer(layer, index, size, criterion.element_scores(fisher), criterion.aggregation,
                                           criterion.absolute_per_matrix)
             finally:
                 for param in layer.parameters():
