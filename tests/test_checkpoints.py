@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pruneflow.architectures import count_parameters, layer_shapes
-from pruneflow.checkpoint import LAYER_SHAPES_KEY, load_pruned, save_pruned
+from pruneflow.checkpoint import LAYER_SHAPES_KEY, load_pruned, placeholder_model, save_pruned
 from pruneflow.errors import ConfigError, ModelError
 from pruneflow.importance import ScoringInputs, get_criterion
 from pruneflow.pruning import apply_pruning, plan_pruning
-from pruneflow.tiny_models import TINY_FAMILIES, tiny_model, write_tiny_checkpoint
+from pruneflow.tiny_models import TINY_CONFIGS, TINY_FAMILIES, tiny_model, write_tiny_checkpoint
 
 from .tiny_project import make_tiny_project, run_stages_in_process, set_param
 
@@ -336,3 +336,25 @@ def test_bf16_source_gives_bf16_checkpoints_with_cards(tmp_path):
             assert {weights.get_slice(k).get_dtype() for k in weights.keys()}  # noqa: SIM118 (safe_open is no dict) == {"BF16"}
         card = ModelCard.load(folder / "README.md")
         assert card.data.license == "apache-2.0" and "bfloat16" in card.text
+
+
+@pytest.mark.parametrize("family", TINY_CONFIGS)
+def test_placeholder_model_is_the_loaded_model_without_its_weights(family, tmp_path):
+    """What the other processes of a sharded recovery hold: the loaded model's parameters (names, shapes,
+    dtypes, ties, trainable flags) and buffers, the weights not read; a state dict loaded into it gives
+    the loaded model's logits."""
+    folder = write_tiny_checkpoint(tmp_path / family, family)
+    loaded = load_pruned(folder, dtype=torch.bfloat16)
+    placeholder = placeholder_model(folder, dtype=torch.bfloat16)
+    assert type(placeholder) is type(loaded) and not placeholder.training
+    mine, theirs = dict(placeholder.named_parameters()), dict(loaded.named_parameters())
+    assert {k: (p.shape, p.dtype, p.device.type, p.requires_grad) for k, p in mine.items()} == \
+        {k: (p.shape, p.dtype, p.device.type, p.requires_grad) for k, p in theirs.items()}
+    head, embeddings = placeholder.get_output_embeddings().weight, placeholder.get_input_embeddings().weight
+    assert (head is embeddings) == (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight)
+    buffers = dict(loaded.named_buffers())
+    assert {k: torch.equal(b, buffers[k]) for k, b in placeholder.named_buffers()} == {k: True for k in buffers}
+    placeholder.load_state_dict(loaded.state_dict())
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(placeholder(ids).logits, loaded(ids).logits)

@@ -64,6 +64,7 @@ def test_laptop_preset_applies_only_at_laptop_scale(raw):
         ("recover.lora_dropout", 1.5, r"recover.lora_dropout=1.5"),
         ("recover.objective", "kd", r"recover.objective='kd' is not allowed; allowed: 'lm', 'distill'"),
         ("recover.method", "qlora", r"recover.method='qlora' is not allowed; allowed: 'lora', 'full'"),
+        ("recover.sharding", "zero3", r"recover.sharding='zero3' is not allowed; allowed: 'none', 'fsdp'"),
         ("recover.distill_temperature", 0, r"recover.distill_temperature=0(\.0)? is not allowed; allowed: a number in \(0"),
         ("recover.distill_weight", 1.5, r"recover.distill_weight=1.5 is not allowed; allowed: a number in \[0, 1\]"),
         ("recover.data", ["notes.md"], r"recover.data='notes.md' is not allowed; allowed: .*\(\.json\).*\(\.txt\)"),

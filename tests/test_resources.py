@@ -119,9 +119,9 @@ def test_7b_full_distillation_does_not_fit_an_80gb_gpu(params):
                               "6.7B as the teacher: recovery is data-parallel (each GPU holds the whole teacher and "
                               "training state)")
     assert f"every GPU needs {need / GIB:.1f} GiB" in message and "72.0 GiB usable" in message
-    assert ("allowed: recover.method: lora, recover.objective: lm (no teacher), recover.gradient_checkpointing: "
-            "true (saves 4.9 GiB), GPUs with more memory (--config gpu_memory_gb), grid.recovered_criteria: [] "
-            "(no recovery)") in message
+    assert ("allowed: recover.sharding: fsdp (on 2 GPUs), recover.method: lora, recover.objective: lm (no teacher), "
+            "recover.gradient_checkpointing: true (saves 4.9 GiB), GPUs with more memory (--config gpu_memory_gb), "
+            "grid.recovered_criteria: [] (no recovery)") in message
     # without a teacher the state alone (90.4 GiB) is still too much; LoRA fits
     with pytest.raises(ConfigError, match=r"needs 96\.2 GiB \(training state 90\.4 GiB"):
         Derivation(ModelShape.from_config(LLAMA2_7B), _with(params, "recover", objective="lm"), WORK).rule(
@@ -186,16 +186,61 @@ def test_a_long_recovery_asks_for_gpus_that_divide_the_batch(params, batch_size,
         assert slurm_extra(job) == "--signal=TERM@300 --requeue"
 
 
-def test_70b_recovery_does_not_fit_80gb_gpus(params):
-    """The frozen bf16 student alone is 113 GB: no LoRA or objective makes recovery fit an 80 GB GPU."""
+def test_70b_recovery_does_not_fit_80gb_gpus_data_parallel(params):
+    """The frozen bf16 student alone is 113 GB: no LoRA or objective makes data-parallel recovery fit an
+    80 GB GPU; the refusal names the sharded alternative and its GPU count."""
     dense = 70_553_706_496
     student = 0.8 * dense
     assert 2 * student > 80 * GIB
     for recover in ({"method": "lora"}, {"method": "lora", "objective": "lm", "gradient_checkpointing": True}):
         settings = _with(_with(params, "recover", **recover), "activations", gram_matrices=False)
         with pytest.raises(ConfigError, match=r"recover.method='lora' is not allowed for model.source \(56.4B "
-                                              r"parameters\).*recovery is data-parallel.*grid.recovered_criteria: \[\]"):
+                                              r"parameters\).*recovery is data-parallel.*allowed: recover.sharding: "
+                                              r"fsdp \(on \d GPUs\).*grid.recovered_criteria: \[\]"):
             Derivation(ModelShape.from_config(LLAMA3_70B), settings, WORK).rule("recover", "obs", 0.2)
+
+
+def _gathered(config, student_fraction: float, student_bytes: int, teacher: bool) -> float:
+    """FSDP holds two gathered units (the one running, the next prefetched) of the student in its training
+    dtype and of the teacher in bf16; a unit is a decoder layer or the embeddings, whichever is larger."""
+    h, f, layers, vocab = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h  # q, o, k, v, MLP, two norms
+    return 2 * max(layer, vocab * h) * (student_bytes * student_fraction + (2 if teacher else 0))
+
+
+def test_7b_full_distillation_sharded_over_two_80gb_gpus(params):
+    """FSDP: each GPU holds half of the teacher and training state, the activations and two gathered layers."""
+    dense = 6_738_415_616
+    student = dense * 0.8
+    settings = _with(params, "recover", sharding="fsdp")
+    job = Derivation(ModelShape.from_config(LLAMA2_7B), settings, WORK).rule("recover", "obs", 0.2)
+    per_gpu = (2 * dense + 18 * student) / 2 + _activations(LLAMA2_7B, 4, 256) + _gathered(LLAMA2_7B, 0.8, 4, True)
+    assert per_gpu <= 80 * GIB * USABLE_FRACTION < (2 * dense + 18 * student)  # one GPU would not do
+    assert (job.gpu, job.execution) == (2, "fsdp")
+    assert job.gpu_mem_mb == math.ceil(per_gpu / MIB / 1000) * 1000
+    # the main process reads both models (the student cast to fp32); the other holds placeholders
+    host = 2 * 4 * GIB + 4 * student + 2 * dense + 4 * student
+    assert job.mem_mb == math.ceil(host / MIB / 1000) * 1000
+    assert launcher(job.gpu, job.checkpoint_seconds).endswith("torchrun --standalone --nproc_per_node 2")
+
+
+def test_70b_lora_distillation_sharded_over_one_80gb_node(params):
+    """LoRA distillation of 70B: 113 GB frozen student + 141 GB teacher, sharded over the 8 GPUs of a node
+    (64 = 4 x 8 x 2); full training needs more GPUs than one node has and is refused with the count."""
+    dense = 70_553_706_496
+    student = 0.8 * dense
+    settings = _with(_with(params, "recover", method="lora", sharding="fsdp"), "activations", gram_matrices=False)
+    derivation = Derivation(ModelShape.from_config(LLAMA3_70B), settings, WORK)
+    job = derivation.rule("recover", "obs", 0.2)
+    shared = 2 * dense + 2 * student + 16 * _lora_adapters_70b()
+    per_gpu = shared / 8 + _activations(LLAMA3_70B, 4, 256) + _gathered(LLAMA3_70B, 0.8, 2, True)
+    assert shared / 4 + _activations(LLAMA3_70B, 4, 256) > 80 * GIB * USABLE_FRACTION >= per_gpu  # 4 GPUs: too few
+    assert (job.gpu, job.execution, job.gpu_mem_mb) == (8, "fsdp", math.ceil(per_gpu / MIB / 1000) * 1000)
+    full = _with(_with(params, "recover", sharding="fsdp"), "activations", gram_matrices=False)
+    with pytest.raises(ConfigError, match=r"recover.method='full' is not allowed .*recovery is sharded \(FSDP\).*"
+                                          r"that needs 37 GPUs, more than gpus_per_node=8"):
+        Derivation(ModelShape.from_config(LLAMA3_70B), full, WORK).rule("recover", "obs", 0.2)
 
 
 def test_70b_lora_next_token_recovery_fits_a_141gb_gpu(params):

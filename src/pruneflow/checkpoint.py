@@ -194,6 +194,27 @@ def model_skeleton(path: str | Path, *, dtype: torch.dtype | None = None, buffer
         return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
 
 
+def placeholder_model(path: str | Path, *, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's model with uninitialised weights and real buffers, in eval mode, nothing read.
+
+    What the other processes of a sharded (FSDP) run hold while the main process reads the weights and
+    broadcasts them shard by shard: `torch.empty` reserves the memory without writing it, so it stays
+    out of the host's resident memory. `nn.Module.to_empty` would also empty the buffers the model
+    computes at init (rotary tables), which are not in the checkpoint to broadcast.
+    """
+    model = model_skeleton(path, dtype=dtype, buffers=True)
+    empty: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and param.device.type == "meta":
+                if id(param) not in empty:
+                    empty[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+                                                    requires_grad=param.requires_grad)
+                module._parameters[key] = empty[id(param)]
+    model.tie_weights()  # accelerate's empty-weights context leaves tied heads as separate parameters
+    return model.eval()
+
+
 def load_pruned(path: str | Path, *, dtype: Any = torch.float32, device: torch.device | str | None = None,
                 **from_pretrained_kwargs: Any) -> nn.Module:
     """Load any pruneflow checkpoint (dense, uniformly or per-layer pruned) in eval mode.

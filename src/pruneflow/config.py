@@ -62,6 +62,7 @@ REPLACED_KEYS = {
 }
 RECOVERY_OBJECTIVES = ("lm", "distill")  # next-token loss | KL to the dense teacher (+ next-token loss)
 RECOVERY_METHODS = ("lora", "full")  # adapters merged afterwards | every parameter
+RECOVERY_SHARDING = ("none", "fsdp")  # every process holds the whole model (DDP) | FSDP2 shards it
 RECOVERY_DATA_SUFFIXES = {".json": "Alpaca-format instructions", ".txt": "plain text"}
 RECOVERY_DATA_ALLOWED = "a non-empty list of Alpaca-format JSON files (.json) and/or plain-text files (.txt)"
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -285,6 +286,8 @@ class RecoverParams:
     # a resumable checkpoint (in .<out>.state/) every this many optimizer steps; null: every eval_every_steps
     save_every_steps: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    # under several processes: none (DDP, each GPU holds the whole model) | fsdp (student and teacher sharded)
+    sharding: str = "none"
     objective: str = "distill"
     method: str = "full"
     distill_temperature: float = 1.0
@@ -297,7 +300,8 @@ class RecoverParams:
             if Path(path).suffix not in RECOVERY_DATA_SUFFIXES:
                 _fail(f"{prefix}.data", path, RECOVERY_DATA_ALLOWED)
         for key, value, allowed in (("objective", self.objective, RECOVERY_OBJECTIVES),
-                                    ("method", self.method, RECOVERY_METHODS)):
+                                    ("method", self.method, RECOVERY_METHODS),
+                                    ("sharding", self.sharding, RECOVERY_SHARDING)):
             if value not in allowed:
                 _fail(f"{prefix}.{key}", value, _allowed(allowed))
         if not (isinstance(self.distill_temperature, (int, float)) and 0 < self.distill_temperature <= 100):

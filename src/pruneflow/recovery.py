@@ -9,7 +9,9 @@ Both use AdamW with linear warm-up and linear decay, gradient accumulation up to
 gradient clipping at 1.0, and a held-out validation split whose best weights are kept.
 
 Training runs on `transformers.Trainer`, which brings what a hand-written loop would have to copy:
-DDP across processes (`torchrun`, `accelerate launch`; gloo on CPUs), gradient accumulation with
+DDP across processes (`torchrun`, `accelerate launch`; gloo on CPUs) or, with `recover.sharding: fsdp`,
+FSDP2 through accelerate (each GPU holds 1/N of the weights, gradients and optimizer state; the
+teacher is sharded the same way with torch's `fully_shard`), gradient accumulation with
 the loss normalised by the label tokens of the whole effective batch on every process
 (`average_tokens_across_devices`), gradient checkpointing, and checkpoints that hold the weights,
 the optimizer, the scheduler and every process's RNG state, resumed exactly (`resume_from_checkpoint`).
@@ -40,6 +42,7 @@ tests can compare the un-merged adapter model with the merged one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -63,12 +66,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as hf_logging
 
+from pruneflow.architectures import decoder_layers
 from pruneflow.config import RecoverParams
 from pruneflow.errors import ConfigError, DataError
 from pruneflow.progress import progress
@@ -423,8 +428,76 @@ def merge_lora(peft_model: torch.nn.Module) -> torch.nn.Module:
     return merged.eval()
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------- sharding
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 holds the weights (DTensor shards): every forward pass is then a collective."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (an all-gather every process takes part in), a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _trainable_copy(model: torch.nn.Module, *, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The trainable weights as whole float CPU tensors for the processes that `keep` them. Under FSDP
+    every process must call this (each weight is gathered from its shards); otherwise it is local."""
+    copies = {}
+    for name, p in _trainable(model):
+        whole = _whole(p.detach())
+        if keep:
+            copies[name] = whole.to("cpu", copy=True)
+    return copies if keep else None
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The module tree of `model` with every parameter on the meta device (buffers copied): where the
+    gathered weights of a sharded model go after training, without holding a second copy before."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _gather_into(sharded: torch.nn.Module, skeleton: torch.nn.Module, *, keep: bool) -> None:
+    """Gather every weight of the FSDP2-sharded model into `skeleton` (its `_meta_copy`) on the CPU, in the
+    processes that `keep` it; every process must call this. Shared (tied) parameters stay shared."""
+    targets = dict(skeleton.named_parameters())
+    gathered: dict[int, torch.nn.Parameter] = {}
+    for name, p in sharded.named_parameters():
+        whole = _whole(p.detach())
+        if keep:
+            gathered[id(targets[name])] = torch.nn.Parameter(whole.to("cpu", copy=True), requires_grad=p.requires_grad)
+    if keep:
+        for module in skeleton.modules():
+            for key, p in module._parameters.items():
+                if p is not None and id(p) in gathered:
+                    module._parameters[key] = gathered[id(p)]
+
+
+def shard_teacher(teacher: torch.nn.Module, *, main: bool) -> torch.nn.Module:
+    """Shard the frozen teacher with torch's FSDP2 (`fully_shard`, each decoder layer, then the rest) over
+    the processes: each GPU holds 1/N of it, and its forward pass gathers one layer at a time. The weights
+    are the main process's, broadcast shard by shard (the others may hold placeholders). Done by hand
+    because Trainer prepares only the model it trains."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    whole = teacher.state_dict() if main else {}
+    for layer in decoder_layers(teacher):
+        fully_shard(layer)
+    fully_shard(teacher)
+    set_model_state_dict(teacher, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return teacher
 
 
 # ------------------------------------------------------------------------------------- training
@@ -435,7 +508,8 @@ class RecoveryResult:
     """What a recovery run produced; `model` is merged and in eval mode (un-merged from `train_recovery`).
 
     Under several processes the losses, steps and best step are the same on every process, but only
-    the main process's `model` holds the best weights (the others keep the last ones and write nothing).
+    the main process's `model` holds the best weights (the others keep the last ones, or with sharding
+    the module tree on the meta device, and write nothing).
     """
 
     model: torch.nn.Module
@@ -449,6 +523,7 @@ class RecoveryResult:
     teacher_seconds: float = 0.0  # forward passes of the teacher (distillation), within `seconds`
     resumed_from_step: int = 0  # the checkpoint's step this run continued from; 0: trained from the start
     processes: int = 1
+    sharded: bool = False  # FSDP held 1/processes of the weights, gradients and optimizer state on each
 
 
 class TrainingPreempted(Exception):
@@ -607,20 +682,28 @@ def evaluate_losses(
 
     With `across_processes` inside a process group each process evaluates every world_size-th
     micro-batch and the sums are added up (all-reduce): the same micro-batches as one process, and the
-    same result on every process, for a share of the work.
+    same result on every process, for a share of the work. A sharded (FSDP) model's forward pass is a
+    collective, so there every process runs as many passes: one short of a share repeats its first
+    micro-batch and leaves it out of the sums.
     """
     was_training = model.training
     model.eval()
     input_ids, labels = dataset["input_ids"][:], dataset["labels"][:]  # plain lists: fast row access
     rank, size = (dist.get_rank(), dist.get_world_size()) if across_processes and _in_process_group() else (0, 1)
-    starts = range(0, len(input_ids), micro_batch_size)[rank::size]
+    all_starts = range(0, len(input_ids), micro_batch_size)
+    starts: list[int | None] = list(all_starts[rank::size])
+    if size > 1 and _is_sharded(model):
+        starts += [None] * (math.ceil(len(all_starts) / size) - len(starts))
     objective, cross_entropy, count = 0.0, 0.0, 0
     try:
         for start in starts:
-            rows = range(start, min(start + micro_batch_size, len(input_ids)))
+            first = start if start is not None else 0
+            rows = range(first, min(first + micro_batch_size, len(input_ids)))
             batch = _collate(rows, input_ids, labels, pad_id, device)
             with _autocast(device, dtype):
                 sums = _loss_sums(model, batch, distillation)
+            if start is None:  # a pass for the collective only
+                continue
             objective += float(sums[0])
             cross_entropy += float(sums[1])
             count += _n_targets(batch)
@@ -826,8 +909,8 @@ class _KeepBest(TrainerCallback):
                         self.report)
         if self.record.best_val_loss is None or loss < self.record.best_val_loss:
             self.record.best_val_loss, self.record.best_step = loss, step
-            if self.keep_weights:
-                self.record.best_weights = {name: p.detach().to("cpu", copy=True) for name, p in _trainable(model)}
+            if self.keep_weights or _is_sharded(model):  # a sharded model is gathered by every process
+                self.record.best_weights = _trainable_copy(model, keep=self.keep_weights)
 
 
 class _SaveRecord(TrainerCallback):
@@ -972,10 +1055,21 @@ def run_fingerprint(params: RecoverParams, *, seed: int, processes: int, inputs:
 
 
 def _training_arguments(params: RecoverParams, *, output_dir: Path, total_steps: int, seed: int,
-                        device: torch.device, dtype: torch.dtype, checkpoints: bool) -> TrainingArguments:
+                        device: torch.device, dtype: torch.dtype, checkpoints: bool,
+                        shard_layers: Sequence[str] = ()) -> TrainingArguments:
     """TrainingArguments for pruneflow's recipe: AdamW(0.9, 0.999, 1e-8, no decay), clipping at 1.0, a log
-    entry every step, no Trainer evaluation (the callbacks validate), no reporting integrations."""
+    entry every step, no Trainer evaluation (the callbacks validate), no reporting integrations.
+
+    `shard_layers` (decoder layer class names) turns on FSDP2: each of those layers is one sharded unit,
+    checkpoints are sharded (every process writes its part), and gradient checkpointing stays
+    transformers' own, which keeps the parameter names the best weights are stored under."""
     processes = world_size()
+    fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": list(shard_layers),
+                                          "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+                                          # the main process's weights are broadcast (the others may hold
+                                          # placeholders: checkpoint.placeholder_model)
+                                          "cpu_ram_efficient_loading": True}
+            } if shard_layers else {}
     save_every = params.save_every_steps or params.eval_every_steps
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -1000,6 +1094,7 @@ def _training_arguments(params: RecoverParams, *, output_dir: Path, total_steps:
         activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         report_to="none",
         disable_tqdm=True,
+        **fsdp,
     )
 
 
@@ -1053,6 +1148,7 @@ def train_recovery(
             val_dataset, tokenizer, cutoff_len=params.cutoff_len, train_on_inputs=params.train_on_inputs
         )
     has_val = val_dataset is not None and len(val_dataset) > 0
+    sharded = params.sharding == "fsdp" and processes > 1
     pad_id = _pad_id(tokenizer)
     n_examples = len(train_dataset)
     total_steps = planned_steps(n_examples, params)
@@ -1061,8 +1157,9 @@ def train_recovery(
     with contextlib.ExitStack() as stack:
         output_dir = (Path(state_dir) if state_dir is not None
                       else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pruneflow-recover-"))))
+        shard_layers = sorted({type(layer).__name__ for layer in decoder_layers(model)}) if sharded else []
         args = _training_arguments(params, output_dir=output_dir, total_steps=total_steps, seed=seed, device=device,
-                                   dtype=dtype, checkpoints=state_dir is not None)
+                                   dtype=dtype, checkpoints=state_dir is not None, shard_layers=shard_layers)
         if device.type == "cuda" and device.index not in (None, args.device.index):
             logger.warning("Trainer trains on %s, not %s: in one process it takes the first visible GPU; choose it "
                            "with CUDA_VISIBLE_DEVICES", args.device, device)
@@ -1075,17 +1172,21 @@ def train_recovery(
         if distill:
             assert teacher is not None
             _check_vocabularies(model, teacher)
-            distillation = Distillation(_TimedTeacher(prepare_teacher(teacher, device)),
-                                        temperature=float(params.distill_temperature),
+            # sharded: the weights stay where they were loaded (host memory) until FSDP moves each shard there
+            frozen = prepare_teacher(teacher, _device_of(teacher) if sharded else device)
+            distillation = Distillation(_TimedTeacher(frozen), temperature=float(params.distill_temperature),
                                         weight=float(params.distill_weight))
+        placed = _device_of(model) if sharded else device
         if params.method == "lora":
-            trained_model = prepare_lora_model(model, params, seed=seed, device=device)
+            trained_model = prepare_lora_model(model, params, seed=seed, device=placed)
             original_dtype = None
         else:
             original_dtype = next(model.parameters()).dtype
-            trained_model = model.to(device=device, dtype=torch.float32)
+            trained_model = model.to(device=placed, dtype=torch.float32)
             for param in trained_model.parameters():
                 param.requires_grad_(True)
+        # where the gathered weights go after sharded training: the module tree, no second copy of the weights
+        skeleton = _meta_copy(trained_model) if sharded else None
         progress_bar = _ProgressBar(
             f"{'LoRA' if params.method == 'lora' else 'full'} {'distillation' if distill else 'recovery'}", progress)
         preemption = _StopOnSigterm()
@@ -1112,11 +1213,24 @@ def train_recovery(
                 data_collator=functools.partial(pad_batch, pad_id=pad_id), callbacks=callbacks,
                 distillation=distillation, autocast_dtype=dtype, warmup=warmup_for(total_steps, params))
             trainer.remove_callback(PrinterCallback)
+            if sharded and not trainer.is_fsdp_enabled:  # accelerate shards across GPUs (and the like) only
+                raise ConfigError(f"recover.sharding={params.sharding!r} is not allowed on {args.device.type} "
+                                  f"processes: accelerate runs FSDP on GPUs only; allowed: 'none' (data-parallel)")
+            if trainer.is_fsdp_enabled and not sharded:
+                raise ConfigError(f"recover.sharding={params.sharding!r} is not allowed with an FSDP launch "
+                                  f"(accelerate's FSDP settings, {processes} processes); allowed: 'fsdp' with several "
+                                  "processes, or a launch without FSDP")
+            if sharded and distillation is not None:
+                shard_teacher(distillation.teacher.teacher, main=main)
             if state_dir is not None:
                 preemption.install()
             try:
                 with _without_transformers_bars():  # a "Writing model shards" bar per checkpoint is noise
                     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+                if sharded:  # the whole trained model in the main process, on the CPU
+                    assert skeleton is not None and _is_sharded(trained_model), "FSDP left the weights whole"
+                    _gather_into(trained_model, skeleton, keep=main)
+                    trained_model = skeleton
                 trainer.accelerator.free_memory()  # drop the optimizer state before the caller merges and saves
             finally:
                 preemption.uninstall()
@@ -1159,6 +1273,7 @@ def train_recovery(
         teacher_seconds=distillation.teacher.seconds if distillation is not None else 0.0,
         resumed_from_step=_checkpoint_step(resume) if resume is not None else 0,
         processes=processes,
+        sharded=sharded,
     )
 
 

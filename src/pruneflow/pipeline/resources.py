@@ -517,14 +517,16 @@ class Derivation:
     # -------------------------------------------------------------------------------------- recovery
 
     def recover(self, params_after: float) -> RuleResources:
-        """Data-parallel training: every GPU holds the whole teacher and training state; more GPUs (up to
-        the one-GPU time / `RECOVERY_TARGET_MINUTES`, and dividing recover.batch_size) only add speed."""
+        """Training on N GPUs of one node. Data-parallel (recover.sharding: none): every GPU holds the whole
+        teacher and training state, more GPUs (up to the one-GPU time / `RECOVERY_TARGET_MINUTES`, and
+        dividing recover.batch_size) only add speed. Sharded (fsdp): each GPU holds 1/N of both plus the
+        layers being gathered, N at least what fits."""
         cfg, shape, b, dense = self.params.recover, self.shape, self.weight_bytes, self.dense
         h, f, layers, vocab = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers, shape.vocab_size
         teacher = b * dense.total if cfg.objective == "distill" else 0
         if cfg.method == "full":
             state = 18 * params_after  # fp32 weights, gradients, 2 AdamW moments + a bf16 autocast copy
-            trained = params_after
+            trained, student_bytes = params_after, 4
         else:
             d = shape.head_dim
             widths = {"q_proj": (h, shape.num_attention_heads * d), "k_proj": (h, shape.num_key_value_heads * d),
@@ -532,6 +534,7 @@ class Derivation:
                       "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
             trained = cfg.lora_r * layers * sum(sum(widths[m]) for m in cfg.target_modules if m in widths)
             state = b * params_after + 16 * trained
+            student_bytes = b
         saved = 16 * trained  # a checkpoint: fp32 weights and 2 AdamW moments + the best validation weights (fp32)
         host_copy = 4 * trained  # the best validation weights, fp32 on the CPU (main process)
         micro_tokens = cfg.micro_batch_size * cfg.cutoff_len
@@ -540,43 +543,79 @@ class Derivation:
         per_token = 2 * layers * h if checkpointing else full_per_token
         logits = 20 * vocab  # student and teacher logits, fp32 loss copies
         activations = micro_tokens * (per_token + logits)
-        per_gpu = teacher + state + activations
-        if per_gpu > self.settings.usable_bytes:
-            raise ConfigError(self._recovery_does_not_fit(params_after, teacher, state, activations,
+        # FSDP gathers one unit (a decoder layer, or the embeddings) while prefetching the next: twice the
+        # largest, for the student in its training dtype and for the teacher
+        unit = max(dense.layers / layers, dense.embedding)
+        gathered = 2 * unit * (student_bytes * params_after / dense.total + (b if teacher else 0))
+        sharded = getattr(cfg, "sharding", "none") == "fsdp"
+        usable, most = self.settings.usable_bytes, self.settings.gpus_per_node
+
+        def per_gpu(n: int) -> float:
+            if sharded and n > 1:
+                return (teacher + state) / n + activations + gathered
+            return teacher + state + activations
+
+        def divides(n: int) -> bool:
+            return n == 1 or cfg.batch_size % (cfg.micro_batch_size * n) == 0
+
+        fitting = [n for n in range(1, most + 1) if divides(n) and per_gpu(n) <= usable]
+        if not fitting:
+            raise ConfigError(self._recovery_does_not_fit(params_after, teacher, state, activations, gathered,
                                                           micro_tokens * (full_per_token - 2 * layers * h)))
         per_token_flops = (6 if cfg.method == "full" else 4) * params_after + (2 * dense.total if teacher else 0)
         flops = per_token_flops * self.workload.train_tokens + 2 * (params_after + (dense.total if teacher else 0)) \
             * self.workload.validation_tokens
         io = shape.stored_bytes * (params_after + dense.total) + saved
         rate = self.settings.gpu_tflops * 1e12
-        wanted = min(self.settings.gpus_per_node,
-                     max(1, math.ceil(_minutes(flops, rate, io, self.settings) / RECOVERY_TARGET_MINUTES)))
-        gpus = max(n for n in range(1, wanted + 1) if n == 1 or cfg.batch_size % (cfg.micro_batch_size * n) == 0)
+        wanted = max(fitting[0], min(most, math.ceil(_minutes(flops, rate, io, self.settings)
+                                                      / RECOVERY_TARGET_MINUTES)))
+        gpus = max(n for n in fitting if n <= wanted)
         checkpoint = max(300, math.ceil((saved / (self.settings.storage_gb_per_s * 1e9) + 120) / 60) * 60)
-        # every process loads the bf16 student (and teacher) through host memory
-        host = gpus * (HOST_BASE_BYTES + b * (params_after + (dense.total if teacher else 0))) + host_copy
+        if sharded and gpus > 1:
+            # the main process reads the models (the student cast to fp32 for full training) and gathers the
+            # trained one at the end; the others hold placeholders that are never written
+            host = gpus * HOST_BASE_BYTES + student_bytes * params_after + b * (dense.total if teacher else 0) \
+                + host_copy
+            execution = "fsdp"
+        else:  # every process loads the bf16 student (and teacher) through host memory
+            host = gpus * (HOST_BASE_BYTES + b * (params_after + (dense.total if teacher else 0))) + host_copy
+            execution = "data_parallel" if gpus > 1 else "whole_model"
         return RuleResources(
             mem_mb=_mib(host), runtime=_minutes(flops, gpus * rate, io, self.settings),
-            cpus_per_task=8 * gpus, gpu=gpus, gpu_mem_mb=_mib(per_gpu),
-            execution="data_parallel" if gpus > 1 else "whole_model", checkpoint_seconds=checkpoint)
+            cpus_per_task=8 * gpus, gpu=gpus, gpu_mem_mb=_mib(per_gpu(gpus)),
+            execution=execution, checkpoint_seconds=checkpoint)
 
     def _recovery_does_not_fit(self, params_after: float, teacher: float, state: float, activations: float,
-                               checkpointing_saves: float) -> str:
-        """The refusal of a recovery whose teacher, training state and activations exceed one GPU."""
+                               gathered: float, checkpointing_saves: float) -> str:
+        """The refusal of a recovery whose teacher, training state and activations exceed its GPUs."""
         cfg = self.params.recover
+        usable, most = self.settings.usable_bytes, self.settings.gpus_per_node
         teacher_part = f"teacher {_gib(teacher)} + " if teacher else ""
         held = "teacher and training state" if teacher else "training state"
-        allowed = (["recover.method: lora"] if cfg.method == "full" else []) \
+        spare = usable - activations - gathered  # what one GPU has left for its share of teacher and state
+        sharded = getattr(cfg, "sharding", "none") == "fsdp"
+        enough = [n for n in range(2, most + 1) if cfg.batch_size % (cfg.micro_batch_size * n) == 0
+                  and spare > 0 and (teacher + state) / n <= spare]
+        allowed = ([f"recover.sharding: fsdp (on {enough[0]} GPUs)"] if not sharded and enough else []) \
+            + (["recover.method: lora"] if cfg.method == "full" else []) \
             + (["recover.objective: lm (no teacher)"] if teacher else []) \
             + ([f"recover.gradient_checkpointing: true (saves {_gib(checkpointing_saves)})"]
                if not getattr(cfg, "gradient_checkpointing", False) and checkpointing_saves >= GIB else []) \
             + ["GPUs with more memory (--config gpu_memory_gb)", "grid.recovered_criteria: [] (no recovery)"]
+        if sharded:
+            need = (f"{math.ceil((teacher + state) / spare)} GPUs" if spare > 0
+                    else "more than one GPU holds for activations and gathered layers alone")
+            why = (f"sharded (FSDP), each of N GPUs holds 1/N of the {held} ({teacher_part}training state "
+                   f"{_gib(state)}) + activations {_gib(activations)} + gathered layers {_gib(gathered)}: at "
+                   f"{self._budget()} ({_gib(usable)} usable) that needs {need}, more than gpus_per_node={most} "
+                   f"(one node) with recover.batch_size a multiple of micro_batch_size x N")
+        else:
+            why = (f"data-parallel (each GPU holds the whole {held}), so every GPU needs "
+                   f"{_gib(teacher + state + activations)} ({teacher_part}training state {_gib(state)} + activations "
+                   f"{_gib(activations)}), more than {self._budget()} allows ({_gib(usable)} usable)")
         return (f"recover.method={cfg.method!r} is not allowed for {self._model(params_after)} after pruning"
                 + (f", {_billions(self.dense.total)} as the teacher" if teacher else "")
-                + f": recovery is data-parallel (each GPU holds the whole {held}), so every GPU needs "
-                f"{_gib(teacher + state + activations)} ({teacher_part}training state {_gib(state)} + "
-                f"activations {_gib(activations)}), more than {self._budget()} allows "
-                f"({_gib(self.settings.usable_bytes)} usable); allowed: {', '.join(allowed)}")
+                + f": recovery is {why}; allowed: {', '.join(allowed)}")
 
     # ------------------------------------------------------------------------------------------ rules
 

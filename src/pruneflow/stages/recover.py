@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         load_training_data,
         process_device,
         recover,
+        world_size,
     )
 
     # settings that do not fit this model fail on its shapes alone, before data or weights are read
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from pruneflow.architectures import count_parameters
-    from pruneflow.checkpoint import checkpoint_dtype, load_pruned, save_pruned
+    from pruneflow.checkpoint import checkpoint_dtype, load_pruned, placeholder_model, save_pruned
     from pruneflow.model_card import write_model_card
     from pruneflow.pipeline.atomic import atomic_dir
     from pruneflow.pipeline.records import read_record, recorder, write_record_file
@@ -100,9 +101,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with stage_run(STAGE, settings=mlflow, params=tracked, run_name=f"recover {args.model}",
                        inputs=inputs) as run:
-            # base weights in the runtime dtype (bf16 on GPU); LoRA adapters train in fp32 under autocast
-            model = load_pruned(args.model, dtype=dtype, device=device)
-            teacher = load_pruned(args.teacher, dtype=dtype, device=device) if distill else None
+            # base weights in the runtime dtype (bf16 on GPU); LoRA adapters train in fp32 under autocast.
+            # Sharded (FSDP), only the main process reads the weights, into host memory; the others hold
+            # placeholders and receive their shards from it (full training: the student already in fp32).
+            if cfg.sharding == "fsdp" and world_size() > 1:
+                def load(path: Path, trained: bool):
+                    if main_process:
+                        return load_pruned(path, dtype=dtype, device="cpu")
+                    return placeholder_model(path, dtype=torch.float32 if trained and cfg.method == "full" else dtype)
+            else:
+                def load(path: Path, trained: bool):
+                    return load_pruned(path, dtype=dtype, device=device)
+            model = load(args.model, True)
+            teacher = load(args.teacher, False) if distill else None
             teacher_mib = (sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
                            if teacher is not None else None)
 
@@ -131,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "objective": cfg.objective,
                     "method": cfg.method,
                     "processes": result.processes,
+                    "sharding": "fsdp" if result.sharded else "none",
                     "resumed_from_step": result.resumed_from_step,
                     "seconds": result.seconds,
                     "teacher_seconds": result.teacher_seconds,
