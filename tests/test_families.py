@@ -501,13 +501,15 @@ def test_attention_units_a_model_cannot_use_are_refused_at_plan_time_and_in_the_
 def test_sequential_refit_runs_each_layer_with_its_own_mask_and_rope(name, tokenizer, token_ids):
     """Local and global layers get different masks (and, in Gemma 3, rotary tables): layers run on cached
     inputs, as the sequential re-fit runs them, reproduce the model's own forward pass across types."""
-    from pruneflow.reconstruction import _layer_inputs, _run_layer
+    from pruneflow.layerwise import capture_inputs
+    from pruneflow.reconstruction import _run_layer
 
     model = _model(name, tokenizer)
     assert len(set(model.config.layer_types)) == 2 and token_ids.shape[1] > model.config.sliding_window
     blocks = model.model.layers
-    hidden, arguments = _layer_inputs(model, blocks, 0, 3, token_ids, 2, CPU)
-    batches = list(zip(hidden, arguments[0], strict=True))
+    inputs = capture_inputs(model, token_ids, batch_size=2, device=CPU)
+    arguments = inputs.arguments
+    batches = list(zip(inputs.hidden, arguments[0], strict=True))
     with torch.no_grad():
         for i in range(4):
             outputs = _run_layer(blocks[i], batches, None, None)

@@ -260,18 +260,19 @@ class CheckpointWeights(LayerWeights):
                 set_module_tensor_to_device(layer, name, "meta")
 
 
-def open_layer_by_layer(folder: str | Path, *, dtype: torch.dtype, device: torch.device | str
-                        ) -> tuple[nn.Module, CheckpointWeights]:
+def open_layer_by_layer(folder: str | Path, *, dtype: torch.dtype, device: torch.device | str,
+                        skeleton: nn.Module | None = None) -> tuple[nn.Module, CheckpointWeights]:
     """The checkpoint in `folder` as a model whose decoder layers stay on disk until they run.
 
     Everything outside the layers is read onto `device`; the layers are meta tensors that
     `CheckpointWeights.load` fills one at a time. Per-layer widths are kept (the skeleton comes from
-    the folder's config).
+    the folder's config; a caller that built it already, `model_skeleton(folder, dtype=dtype,
+    buffers=True)`, passes it).
     """
     from pruneflow.architectures import check_supported
     from pruneflow.checkpoint import model_skeleton
 
-    model = model_skeleton(folder, dtype=dtype, buffers=True)
+    model = skeleton if skeleton is not None else model_skeleton(folder, dtype=dtype, buffers=True)
     check_supported(model)
     weights = CheckpointWeights(folder, model, dtype)
     weights.load_outside_layers(model, device)
@@ -523,6 +524,11 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
+def execution_of(layer_weights: LayerWeights | None) -> str:
+    """What `open_model` chose, as stages record it: `whole_model` (no layer source) or `layer_by_layer`."""
+    return "whole_model" if layer_weights is None else "layer_by_layer"
+
+
 def open_model(folder: str | Path, *, execution: str, dtype: torch.dtype, device: torch.device,
                resident: bool = False, tokens: int = 0, gradients: str = "none",
                what: str = "this stage") -> tuple[nn.Module, LayerWeights | None]:
@@ -535,10 +541,10 @@ def open_model(folder: str | Path, *, execution: str, dtype: torch.dtype, device
     """
     from pruneflow.checkpoint import load_pruned, model_skeleton
 
-    choice = choose_execution(execution, model_skeleton(folder), dtype, device, tokens=tokens, gradients=gradients,
-                              what=what)
+    skeleton = model_skeleton(folder, dtype=dtype, buffers=True)
+    choice = choose_execution(execution, skeleton, dtype, device, tokens=tokens, gradients=gradients, what=what)
     if choice == "whole_model":
         return load_pruned(folder, dtype=dtype, device=device), None
     if resident:
         return load_pruned(folder, dtype=dtype, device="cpu"), ResidentWeights("cpu")
-    return open_layer_by_layer(folder, dtype=dtype, device=device)
+    return open_layer_by_layer(folder, dtype=dtype, device=device, skeleton=skeleton)

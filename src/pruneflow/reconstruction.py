@@ -36,7 +36,6 @@ from pruneflow.gram import (
     PROJECTIONS,
     GramAccumulator,
     StopForward,
-    forward_batches,
     gram_matrices,
     projection_of,
 )
@@ -356,35 +355,6 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
     return result
 
 
-@torch.no_grad()
-def _layer_inputs(model: nn.Module, blocks: nn.ModuleList, first: int, last: int, input_ids: torch.Tensor,
-                  batch_size: int, device) -> tuple[list[torch.Tensor], dict[int, list[dict]]]:
-    """The hidden states that enter blocks[first], per calibration batch, and the keyword arguments
-    (mask, rotary embeddings) each layer first..last gets, per batch: families with local and global
-    layers (Gemma 2 and 3) give each layer type its own mask and rotary table, so a layer run on cached
-    inputs must get its own. The forward pass stops at blocks[last]."""
-    hidden: list[torch.Tensor] = []
-    arguments: dict[int, list[dict]] = {i: [] for i in range(first, last + 1)}
-
-    def make_catch(index: int):
-        def catch(_module: nn.Module, args: tuple, kwargs: dict):
-            if index == first:
-                hidden.append(args[0] if args else kwargs["hidden_states"])
-            arguments[index].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            if index == last:
-                raise StopForward
-
-        return catch
-
-    handles = [blocks[i].register_forward_pre_hook(make_catch(i), with_kwargs=True) for i in range(first, last + 1)]
-    try:
-        forward_batches(model, input_ids, batch_size, device)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hidden, arguments
-
-
 def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], stop_at: nn.Module | None,
                acc: GramAccumulator | None) -> list[torch.Tensor]:
     """Run one decoder layer on cached inputs; with `stop_at`, feed its input to `acc` and stop there."""
@@ -410,19 +380,18 @@ def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], stop_
 @torch.no_grad()
 def _sequential(model, plan, method, damping, calibration_ids, batch_size, device, size, record, biases,
                 layer_weights: LayerWeights | None) -> None:
-    """Bottom-up: each layer's projections are re-fitted on the inputs the pruned layers below give."""
-    blocks = decoder_layers(model)
+    """Bottom-up: each layer's projections are re-fitted on the inputs the pruned layers below give.
+
+    The inputs of the lowest pruned layer come from the layers below it run one at a time on each
+    layer's own keyword arguments (mask and rotary table: Gemma's local and global layers differ), the
+    same code whether the model is on the device or its layers visit it (`layer_weights`)."""
     layers = sorted(plan.layers)
-    if layer_weights is None:
-        hidden, arguments = _layer_inputs(model, blocks, layers[0], layers[-1], calibration_ids, batch_size, device)
-        _refit_bottom_up(blocks, plan, method, damping, size, record, biases, hidden, arguments, InPlace())
-        return
-    with layerwise.outside_on(model, layer_weights, device):
+    weights = layer_weights if layer_weights is not None else InPlace()
+    with layerwise.outside_on(model, weights, device):
         inputs = layerwise.capture_inputs(model, calibration_ids, batch_size=batch_size, device=device)
-        hidden = layerwise.run_layers(model, inputs, layer_weights, device, layers=range(layers[0]))
-        arguments = dict(enumerate(inputs.arguments))
-        _refit_bottom_up(blocks, plan, method, damping, size, record, biases, hidden, arguments, layer_weights,
-                         device)
+        hidden = layerwise.run_layers(model, inputs, weights, device, layers=range(layers[0]))
+        _refit_bottom_up(decoder_layers(model), plan, method, damping, size, record, biases, hidden,
+                         dict(enumerate(inputs.arguments)), weights, device)
 
 
 def _refit_bottom_up(blocks, plan, method, damping, size, record, biases, hidden: list[torch.Tensor],

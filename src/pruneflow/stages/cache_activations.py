@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_file(args.model, "model folder")
 
     from pruneflow.activations import activation_statistics
-    from pruneflow.layerwise import open_model
+    from pruneflow.layerwise import execution_of, open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stats = activation_statistics(model, ids, params, device, layer_weights=layer_weights)
         record = recorder(STAGE, inputs={"model": args.model, "calibration": args.calibration}).record(params)
         save_tensors(args.out, stats, {"command": command_line(), "device": str(device),
-                                       "execution": "whole_model" if layer_weights is None else "layer_by_layer",
+                                       "execution": execution_of(layer_weights),
                                        RECORD_KEY: json.dumps(record, sort_keys=True)})
         run.log_metrics({"tokens": int(stats["num_tokens"].item()), "tensors": len(stats)})
 

@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.architectures import count_parameters
     from pruneflow.checkpoint import load_pruned
     from pruneflow.efficiency import measure_efficiency
-    from pruneflow.layerwise import open_model
+    from pruneflow.layerwise import execution_of, open_model
     from pruneflow.perplexity import perplexity, tokenize_text
     from pruneflow.pipeline.atomic import write_json
     from pruneflow.pipeline.graph import evaluation_files, project_path, stage_for_model_id
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                           default=0)
         model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
                                           tokens=pass_tokens, what=STAGE)
-        execution = "whole_model" if layer_weights is None else "layer_by_layer"
+        execution = execution_of(layer_weights)
         timing = {"load_s": time.perf_counter() - started}
         mark = time.perf_counter()
         ppl_by_seq_len: dict[str, dict[str, Any]] = {}

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from pruneflow.activations import load_activation_stats
     from pruneflow.importance import score_groups
-    from pruneflow.layerwise import gradients_of, open_model
+    from pruneflow.layerwise import execution_of, gradients_of, open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seconds = time.perf_counter() - started
         scores.metadata.update({
             "criterion": criterion.name, "command": command_line(), "device": str(device),
-            "execution": "whole_model" if layer_weights is None else "layer_by_layer",
+            "execution": execution_of(layer_weights),
             "calibration_samples": str(ids.shape[0]), "calibration_seq_len": str(ids.shape[1]),
             RECORD_KEY: json.dumps(recorder(STAGE, {"criterion": criterion.name}, inputs={
                 "model": args.model, "calibration": args.calibration, "activations": args.activations,
