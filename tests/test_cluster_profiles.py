@@ -17,8 +17,8 @@ import yaml
 from .conftest import PROJECT_ROOT
 from .test_resources import LLAMA2_7B, LLAMA3_70B
 
-GPU_RULES = {"cache_activations", "score", "recover", "evaluate_dense", "evaluate_pruned", "evaluate_recovered",
-             "evaluate_servable"}
+GPU_RULES = {"cache_activations", "score", "prune", "prune_servable", "recover", "evaluate_dense", "evaluate_pruned",
+             "evaluate_recovered", "evaluate_servable"}
 SLURM = str(PROJECT_ROOT / "workflow/profiles/slurm")
 KUBERNETES = str(PROJECT_ROOT / "workflow/profiles/kubernetes")
 
@@ -127,7 +127,8 @@ def test_slurm_plans_a_7b_grid_from_its_config(tmp_path):
     assert int(recover["runtime"]) > 15  # 2 epochs of the WikiText-2 training text at 120 TFLOP/s
     assert (jobs["evaluate_dense"]["gpu"], jobs["evaluate_dense"]["gpu_mem_mb"]) == ("1", "32000")
     assert jobs["cache_activations"]["gpu_mem_mb"] == "50000"  # bf16 weights x 1.25 + float64 Gram sums
-    assert jobs["prune"]["mem_mb"] == "57000" and "gpu" not in jobs["prune"]  # fp32 surgery on the CPU
+    # fp32 surgery: forward passes on one GPU (whole: 1.25 x 27 GB of fp32 weights), the model in host memory
+    assert (jobs["prune"]["mem_mb"], jobs["prune"]["gpu"], jobs["prune"]["gpu_mem_mb"]) == ("57000", "1", "34000")
 
 
 def test_7b_full_distillation_is_refused_on_80gb_and_data_parallel_on_141gb(tmp_path):

@@ -160,7 +160,7 @@ def test_same_commands_for_the_default_grid(snakemake_jobs, dvc_stages):
     dvc_cmds = sorted(stage.cmd for stages in dvc_stages.values() for stage in stages)
     assert snake_cmds == dvc_cmds
     gpu_stages = {stage.module for stage in STAGES.values() if stage.gpu}
-    assert gpu_stages == {"cache_activations", "score", "recover", "evaluate"}
+    assert gpu_stages == {"cache_activations", "score", "prune", "recover", "evaluate"}
     for line in lines:
         stage = re.search(r"pruneflow\.stages\.(\w+)", line).group(1)
         assert line.removeprefix(progress).startswith(slot) == (stage in gpu_stages), line

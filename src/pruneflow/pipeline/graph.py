@@ -132,9 +132,11 @@ def _evaluate(name: str, model: str, model_id: str, metrics: str, **grid) -> Sta
 
 
 def _prune(name: str, criteria: Literal["criteria", "servable_criteria"], out: str, *flags: str) -> Stage:
-    """A prune instance (per-layer widths, or `--servable`): the same inputs and params, its own folder."""
+    """A prune instance (per-layer widths, or `--servable`): the same inputs and params, its own folder.
+    A GPU stage: its forward passes (re-fit inputs, Gram matrices the cache lacks, the layout search) run
+    on the device, so it takes a GPU slot like any other job that does."""
     return Stage(
-        name=name, module="prune", criteria=criteria, ratios=True,
+        name=name, module="prune", criteria=criteria, ratios=True, gpu=True,
         params=("prune", "runtime.device", "activations.batch_size"),
         inputs={"model": "prepare_model.model", "scores": "score.scores",
                 "activations": "cache_activations.activations", "calibration": "calibrate.calibration"},

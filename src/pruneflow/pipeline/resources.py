@@ -34,16 +34,18 @@ Bytes (b = 2 for the bf16 weights a GPU job runs in, 4 for float32):
 
 A GPU job fits when its bytes are at most `USABLE_FRACTION` of `gpu_memory_gb` (the CUDA context,
 NCCL buffers and allocator slack take the rest). Forward-only stages (cache_activations, scoring
-without gradients, evaluation) run the whole model on one GPU when weights x `LOAD_HEADROOM` fit,
-else layer by layer (`runtime.execution`): one GPU holding one decoder layer, the embeddings and the
-hidden states, and host memory for all weights. Recovery is data-parallel (DDP: transformers.Trainer
-under torchrun; nothing is sharded), so every GPU holds the whole teacher, student state and one
-micro-batch's activations: teacher + state + activations <= usable, else it is refused. More GPUs only
-add speed: wanted = ceil(one-GPU minutes / `RECOVERY_TARGET_MINUTES`), at most `gpus_per_node`, and N is
-the largest N <= wanted with recover.batch_size divisible by micro_batch_size x N (recovery's own check);
-with N > 1 it is launched with `torchrun --standalone --nproc_per_node N` (`launcher`), and each process
-loads the models through host memory. Gradient scoring runs on one GPU, layer by layer when the whole
-backward pass does not fit.
+without gradients, evaluation, and the prune stage's forward passes in float32) run the whole model on
+one GPU when weights x `LOAD_HEADROOM` fit, else layer by layer (`runtime.execution`): one GPU holding
+one decoder layer, the embeddings and the hidden states, and host memory for all weights. Recovery
+runs on N GPUs of one node (`torchrun --standalone --nproc_per_node N`, `launcher`). Data-parallel
+(recover.sharding: none; DDP) every GPU holds the whole teacher, student state and one micro-batch's
+activations: teacher + state + activations <= usable, else it is refused, and each process loads the
+models through host memory. Sharded (fsdp; FSDP2) each GPU holds (teacher + state) / N + activations
++ two gathered units (a decoder layer or the embeddings), N at least what fits on one node, and only
+the main process loads the models. More GPUs beyond that add speed: wanted = ceil(one-GPU minutes /
+`RECOVERY_TARGET_MINUTES`), at most `gpus_per_node`, and N is the largest N <= max(wanted, what fits)
+with recover.batch_size divisible by micro_batch_size x N (recovery's own check). Gradient scoring runs
+on one GPU, layer by layer when the whole backward pass does not fit.
 
 Runtime (minutes) is an estimate, adjustable by `ClusterSettings`: floating point work at
 `gpu_tflops` sustained per GPU (`cpu_gflops` for the CPU stages), plus reading and writing the
@@ -51,12 +53,13 @@ weights at `storage_gb_per_s`, times `runtime_margin`, plus `STARTUP_MINUTES`:
 
     training   6*P_s per token (full) or 4*P_s (LoRA: no weight gradients of the base) + 2*P teacher,
                over N GPUs
-    forward    2*P per token (calibration, validation and evaluation tokens)
+    forward    2*P per token (calibration, validation and evaluation tokens); the prune stage's in
+               float32, at gpu_tflops / `FP32_SLOWDOWN`
     gradients  6*P per token whole, 8*P layer by layer (each layer runs forward twice)
-    solves     2*L*(h^3 + f^3) for the re-fit and structured OBS (CPU, float64)
+    solves     2*L*(h^3 + f^3) for the re-fit (the prune job's CPUs) and structured OBS (float64)
 
 Tokens come from params.yaml and the sizes of the data files (`BYTES_PER_TOKEN` bytes of text per
-token). A setting that cannot fit at all (recovery's teacher and state larger than one GPU, a
+token). A setting that cannot fit at all (recovery's teacher and state larger than its GPUs, a
 gradient criterion or a single layer larger than one GPU) is refused with a `ConfigError` that names
 the setting, the model's size and the budget; every such problem of the grid is reported at once.
 """
@@ -64,6 +67,7 @@ the setting, the model's size and the budget; every such problem of the grid is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -83,9 +87,10 @@ CHOICES_PER_EXAMPLE = 4  # a zero-shot example is scored once per answer choice
 STARTUP_MINUTES = 5  # environment, imports, CUDA initialisation
 MIN_RUNTIME_MINUTES = 15
 HOST_TO_DEVICE_GB_PER_S = 10.0  # layer-by-layer execution copies every layer once per pass
-SHARDED_STAGES = frozenset({"recover"})  # stages that run on several GPUs (torchrun, data parallel)
+SHARDED_STAGES = frozenset({"recover"})  # stages that run on several GPUs (torchrun: DDP or FSDP)
 RECOVERY_TARGET_MINUTES = 60  # recovery asks for ceil(one-GPU minutes / this) GPUs, for speed only
 MIB = 2**20
+FP32_SLOWDOWN = 8  # float32 matmuls without TF32 (torch's default) run at about 1/8 of the bf16 rate
 
 # what the profiles asked for before the derivation, used when config.json cannot be read while planning
 FALLBACK: dict[str, dict[str, int]] = {
@@ -388,10 +393,12 @@ class Derivation:
     # --------------------------------------------------------------------------- forward-only stages
 
     def _forward(self, stage: str, params: float, tokens: float, batch_tokens: int, state: float,
-                 host_extra: float, passes: int, pass_tokens: float, extra_flops: float = 0.0) -> RuleResources:
+                 host_extra: float, passes: int, pass_tokens: float, extra_flops: float = 0.0,
+                 weight_bytes: int | None = None) -> RuleResources:
         """A stage that only runs forward passes: whole model on one GPU, else layer by layer (which
-        keeps the hidden states of one pass, `pass_tokens`, on the GPU)."""
-        shape, b = self.shape, self.weight_bytes
+        keeps the hidden states of one pass, `pass_tokens`, on the GPU). `weight_bytes` 4: the stage
+        computes in float32, at 1/`FP32_SLOWDOWN` of the bf16 rate."""
+        shape, b = self.shape, weight_bytes or self.weight_bytes
         h, f, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
         scale = params / self.dense.total
         weights = b * params
@@ -415,7 +422,8 @@ class Derivation:
                               f"more than {self._budget()} allows; allowed: {allowed}")
         flops = 2 * params * tokens + extra_flops
         io = self.shape.stored_bytes * params
-        runtime = _minutes(flops, self.settings.gpu_tflops * 1e12, io, self.settings)
+        rate = self.settings.gpu_tflops * 1e12 / (FP32_SLOWDOWN if b == 4 else 1)
+        runtime = _minutes(flops, rate, io, self.settings)
         runtime += math.ceil(self.settings.runtime_margin * copies / (HOST_TO_DEVICE_GB_PER_S * 1e9) / 60)
         return RuleResources(mem_mb=_mib(HOST_BASE_BYTES + max(weights, self.shape.stored_bytes * params) + host_extra),
                              runtime=runtime, cpus_per_task=4, gpu=1, gpu_mem_mb=_mib(device), execution=chosen)
@@ -495,19 +503,24 @@ class Derivation:
                              runtime=_minutes(0, 1, 2 * stored, self.settings), cpus_per_task=4, execution="cpu")
 
     def prune(self, params_after: float) -> RuleResources:
-        """fp32 surgery and re-fit on the CPU (a cluster job without a GPU)."""
+        """fp32 surgery: forward passes (re-fit inputs, Gram matrices the cache lacks, the layout search) on
+        one GPU, whole or layer by layer with the model in host memory; the float64 solves on the CPU."""
         shape, dense, cfg = self.shape, self.dense, self.params.prune
         h, f, layers = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
         gram_host = 4 * (h * h + f * f) * layers if self.params.activations.gram_matrices else 8 * (h * h + f * f)
-        host = HOST_BASE_BYTES + 4 * dense.total + gram_host + shape.stored_bytes * params_after
         solves = 2 * layers * (h**3 + f**3) if cfg.reconstruction != "none" else 0
         layouts = 3 if cfg.attention_unit == "auto" else 1
-        search = 2 * dense.total * cfg.search_samples * self.params.calibration.seq_len * layouts
-        recompute = 0 if self.params.activations.gram_matrices else 2 * dense.total * self.workload.calibration_tokens
-        io = shape.stored_bytes * (dense.total + params_after)
-        return RuleResources(mem_mb=_mib(host), runtime=_minutes(solves + search + recompute,
-                                                                 self.settings.cpu_gflops * 1e9, io, self.settings),
-                             cpus_per_task=8, execution="cpu")
+        calibration_tokens = self.workload.calibration_tokens
+        search_tokens = cfg.search_samples * self.params.calibration.seq_len * layouts
+        recompute = 0 if self.params.activations.gram_matrices else calibration_tokens
+        sequential = calibration_tokens if cfg.reconstruction != "none" and cfg.reconstruction_mode == "sequential" \
+            else 0
+        forward = self._forward("prune", dense.total, search_tokens + recompute + sequential,
+                                self.params.activations.batch_size * self.params.calibration.seq_len,
+                                8 * (h * h + f * f), gram_host + shape.stored_bytes * params_after,
+                                passes=1 + layouts, pass_tokens=calibration_tokens, weight_bytes=4)
+        cpu_minutes = math.ceil(self.settings.runtime_margin * solves / (self.settings.cpu_gflops * 1e9) / 60)
+        return dataclasses.replace(forward, runtime=forward.runtime + cpu_minutes, cpus_per_task=8)
 
     def export_gguf(self, params_after: float) -> RuleResources:
         stored = self.shape.stored_bytes * params_after
