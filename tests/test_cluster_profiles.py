@@ -151,7 +151,7 @@ def test_7b_full_distillation_is_refused_on_80gb_and_data_parallel_on_141gb(tmp_
 def test_slurm_plans_a_70b_grid_from_its_config(tmp_path):
     """Llama-3-70B (70.6B) without recovery on 80 GB GPUs: forward stages layer by layer on one GPU with
     the weights in host memory. LoRA next-token recovery with gradient checkpointing fits 141 GB GPUs
-    data-parallel; LoRA distillation fits eight 80 GB GPUs sharded."""
+    data-parallel; LoRA distillation with gradient checkpointing fits eight 80 GB GPUs sharded."""
     root = _project(tmp_path, LLAMA3_70B, grid={"recovered_criteria": []}, activations={"gram_matrices": False})
     jobs = _jobs(_dry_run("--profile", SLURM, cwd=root))
     assert "recover" not in jobs and "evaluate_recovered" not in jobs
@@ -163,11 +163,12 @@ def test_slurm_plans_a_70b_grid_from_its_config(tmp_path):
     h200 = _jobs(_dry_run("--profile", SLURM, "--config", "gpu_memory_gb=141", cwd=root))["recover"]
     assert (h200["gpu"], h200["gpu_mem_mb"], h200["mem_mb"]) == ("4", "114000", "448000")
     assert "--nproc_per_node 4" in h200["shell"] and "--gpus=4" in _sbatch(h200)
-    # sharded (FSDP), LoRA distillation fits the 8 80 GB GPUs of one node; only the main process loads the models
+    # sharded (FSDP), LoRA distillation with gradient checkpointing fits the 8 80 GB GPUs of one node; only the
+    # main process loads the models
     root = _project(tmp_path / "fsdp", LLAMA3_70B, activations={"gram_matrices": False},
-                    recover={"method": "lora", "sharding": "fsdp"})
+                    recover={"method": "lora", "sharding": "fsdp", "gradient_checkpointing": True})
     sharded = _jobs(_dry_run("--profile", SLURM, cwd=root))["recover"]
-    assert (sharded["gpu"], sharded["gpu_mem_mb"], sharded["mem_mb"]) == ("8", "71000", "276000")
+    assert (sharded["gpu"], sharded["gpu_mem_mb"], sharded["mem_mb"]) == ("8", "48000", "276000")
     assert "--nproc_per_node 8" in sharded["shell"] and "--gpus=8" in _sbatch(sharded)
 
 
@@ -179,7 +180,8 @@ def test_a_70b_grid_that_cannot_fit_is_refused_before_planning(tmp_path):
     assert "recover.method='lora' is not allowed for model.source='models/model' (56.4B parameters) after pruning, " \
            "70.6B as the teacher: recovery is data-parallel" in text
     assert "more than 80 GB per GPU (--config gpu_memory_gb) allows (72.0 GiB usable); allowed: " \
-           "recover.sharding: fsdp (on 8 GPUs), recover.objective: lm (no teacher)" in text
+           "recover.sharding: fsdp with recover.gradient_checkpointing: true (on 8 GPUs), recover.objective: lm (no " \
+           "teacher)" in text
     assert "rule recover" not in text
 
 

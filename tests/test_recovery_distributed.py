@@ -8,6 +8,7 @@ the signals arrive at a known step; production code has no test switch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -205,8 +207,19 @@ def _torchrun(root: Path, out: str, env: dict[str, str], log: Path | None = None
                "--master_port", str(_free_port()), "-m", "pruneflow.stages.recover", *_argv(out)]
     handle = log.open("w") if log is not None else subprocess.DEVNULL
     return subprocess.Popen(command, cwd=root, env={**env, "PRUNEFLOW_PROGRESS": "0"}, stdout=handle,
-                            stderr=subprocess.STDOUT if log is not None else subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            stderr=subprocess.STDOUT if log is not None else subprocess.PIPE, text=True)
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker (each in a session of its own), as a node failure would."""
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.kill()
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    process.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert len(workers) == 2 and not alive, (workers, alive)
 
 
 def _torchrun_to_the_end(root: Path, out: str, env: dict[str, str]) -> None:
@@ -283,8 +296,7 @@ def test_sharded_lora_distillation_resumes_after_sigkill(lora_project, tmp_path)
     try:
         _wait_until_held(process, hook, log)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
-        process.wait(timeout=60)
+        _kill_tree(process)  # torchrun and both workers, mid-run
     assert not out.exists()
     assert (state / "checkpoint-4/pruneflow_record.json").is_file()
 

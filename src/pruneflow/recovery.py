@@ -495,7 +495,7 @@ def shard_teacher(teacher: torch.nn.Module, *, main: bool) -> torch.nn.Module:
     whole = teacher.state_dict() if main else {}
     for layer in decoder_layers(teacher):
         fully_shard(layer)
-    fully_shard(teacher)
+    fully_shard(teacher, reshard_after_forward=True)  # the root (embeddings, head) too: the teacher has no backward
     set_model_state_dict(teacher, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return teacher
 
@@ -1066,6 +1066,9 @@ def _training_arguments(params: RecoverParams, *, output_dir: Path, total_steps:
     processes = world_size()
     fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": list(shard_layers),
                                           "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+                                          # FSDP's own checkpoint wrapper renames the parameters (an FSDP
+                                          # launch config could switch it on through the environment)
+                                          "activation_checkpointing": False,
                                           # the main process's weights are broadcast (the others may hold
                                           # placeholders: checkpoint.placeholder_model)
                                           "cpu_ram_efficient_loading": True}
@@ -1227,7 +1230,7 @@ def train_recovery(
             try:
                 with _without_transformers_bars():  # a "Writing model shards" bar per checkpoint is noise
                     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-                if sharded:  # the whole trained model in the main process, on the CPU
+                if sharded and preemption.stopped_at is None:  # the whole trained model in the main process
                     assert skeleton is not None and _is_sharded(trained_model), "FSDP left the weights whole"
                     _gather_into(trained_model, skeleton, keep=main)
                     trained_model = skeleton

@@ -41,7 +41,8 @@ runs on N GPUs of one node (`torchrun --standalone --nproc_per_node N`, `launche
 (recover.sharding: none; DDP) every GPU holds the whole teacher, student state and one micro-batch's
 activations: teacher + state + activations <= usable, else it is refused, and each process loads the
 models through host memory. Sharded (fsdp; FSDP2) each GPU holds (teacher + state) / N + activations
-+ two gathered units (a decoder layer or the embeddings), N at least what fits on one node, and only
++ what FSDP holds whole (gathered units, the head group, full training's bf16 autocast copies: see
+`recover`), N at least what fits on one node, and only
 the main process loads the models. More GPUs beyond that add speed: wanted = ceil(one-GPU minutes /
 `RECOVERY_TARGET_MINUTES`), at most `gpus_per_node`, and N is the largest N <= max(wanted, what fits)
 with recover.batch_size divisible by micro_batch_size x N (recovery's own check). Gradient scoring runs
@@ -556,16 +557,26 @@ class Derivation:
         per_token = 2 * layers * h if checkpointing else full_per_token
         logits = 20 * vocab  # student and teacher logits, fp32 loss copies
         activations = micro_tokens * (per_token + logits)
-        # FSDP gathers one unit (a decoder layer, or the embeddings) while prefetching the next: twice the
-        # largest, for the student in its training dtype and for the teacher
-        unit = max(dense.layers / layers, dense.embedding)
-        gathered = 2 * unit * (student_bytes * params_after / dense.total + (b if teacher else 0))
+        # FSDP holds whole: the unit running and the next one prefetched (a decoder layer or the
+        # embeddings, whichever is larger), the student's head group (accelerate keeps the final norm and
+        # head gathered from forward through backward), with full training one unit's fp32 gradients
+        # before they are reduce-scattered, and the bf16 autocast copies of the student's weights that
+        # autograd keeps for the backward pass (whole, on every GPU); the teacher's root group (embeddings,
+        # head) stays gathered through its forward pass next to one layer and the next
+        head = dense.lm_head or dense.embedding
+        student_layer = (params_after - dense.embedding - dense.lm_head) / layers
+        unit = max(student_layer, dense.embedding)
+        gathered = student_bytes * (head + 2 * unit) + (4 * unit + 2 * params_after if cfg.method == "full" else 0) \
+            + (b * (dense.embedding + dense.lm_head + 2 * dense.layers / layers) if teacher else 0)
         sharded = getattr(cfg, "sharding", "none") == "fsdp"
         usable, most = self.settings.usable_bytes, self.settings.gpus_per_node
 
+        # what FSDP spreads over the GPUs: the teacher and the state without the autocast copy (in `gathered`)
+        shared = teacher + state - (2 * params_after if cfg.method == "full" else 0)
+
         def per_gpu(n: int) -> float:
             if sharded and n > 1:
-                return (teacher + state) / n + activations + gathered
+                return shared / n + activations + gathered
             return teacher + state + activations
 
         def divides(n: int) -> bool:
@@ -573,7 +584,7 @@ class Derivation:
 
         fitting = [n for n in range(1, most + 1) if divides(n) and per_gpu(n) <= usable]
         if not fitting:
-            raise ConfigError(self._recovery_does_not_fit(params_after, teacher, state, activations, gathered,
+            raise ConfigError(self._recovery_does_not_fit(params_after, teacher, state, shared, activations, gathered,
                                                           micro_tokens * (full_per_token - 2 * layers * h)))
         per_token_flops = (6 if cfg.method == "full" else 4) * params_after + (2 * dense.total if teacher else 0)
         flops = per_token_flops * self.workload.train_tokens + 2 * (params_after + (dense.total if teacher else 0)) \
@@ -598,8 +609,8 @@ class Derivation:
             cpus_per_task=8 * gpus, gpu=gpus, gpu_mem_mb=_mib(per_gpu(gpus)),
             execution=execution, checkpoint_seconds=checkpoint)
 
-    def _recovery_does_not_fit(self, params_after: float, teacher: float, state: float, activations: float,
-                               gathered: float, checkpointing_saves: float) -> str:
+    def _recovery_does_not_fit(self, params_after: float, teacher: float, state: float, shared: float,
+                               activations: float, gathered: float, checkpointing_saves: float) -> str:
         """The refusal of a recovery whose teacher, training state and activations exceed its GPUs."""
         cfg = self.params.recover
         usable, most = self.settings.usable_bytes, self.settings.gpus_per_node
@@ -607,21 +618,34 @@ class Derivation:
         held = "teacher and training state" if teacher else "training state"
         spare = usable - activations - gathered  # what one GPU has left for its share of teacher and state
         sharded = getattr(cfg, "sharding", "none") == "fsdp"
-        enough = [n for n in range(2, most + 1) if cfg.batch_size % (cfg.micro_batch_size * n) == 0
-                  and spare > 0 and (teacher + state) / n <= spare]
-        allowed = ([f"recover.sharding: fsdp (on {enough[0]} GPUs)"] if not sharded and enough else []) \
+        checkpointing = getattr(cfg, "gradient_checkpointing", False)
+
+        def fewest(room: float) -> int | None:
+            """The fewest GPUs of one node whose shares fit `room`, recover.batch_size divisible."""
+            return next((n for n in range(2, most + 1) if cfg.batch_size % (cfg.micro_batch_size * n) == 0
+                         and room > 0 and shared / n <= room), None)
+
+        sharding_hint = []
+        if not sharded and fewest(spare):
+            sharding_hint = [f"recover.sharding: fsdp (on {fewest(spare)} GPUs)"]
+        elif not sharded and not checkpointing and fewest(spare + checkpointing_saves):
+            sharding_hint = [f"recover.sharding: fsdp with recover.gradient_checkpointing: true (on "
+                             f"{fewest(spare + checkpointing_saves)} GPUs)"]
+        allowed = sharding_hint \
             + (["recover.method: lora"] if cfg.method == "full" else []) \
             + (["recover.objective: lm (no teacher)"] if teacher else []) \
             + ([f"recover.gradient_checkpointing: true (saves {_gib(checkpointing_saves)})"]
-               if not getattr(cfg, "gradient_checkpointing", False) and checkpointing_saves >= GIB else []) \
+               if not checkpointing and checkpointing_saves >= GIB else []) \
             + ["GPUs with more memory (--config gpu_memory_gb)", "grid.recovered_criteria: [] (no recovery)"]
         if sharded:
-            need = (f"{math.ceil((teacher + state) / spare)} GPUs" if spare > 0
-                    else "more than one GPU holds for activations and gathered layers alone")
-            why = (f"sharded (FSDP), each of N GPUs holds 1/N of the {held} ({teacher_part}training state "
-                   f"{_gib(state)}) + activations {_gib(activations)} + gathered layers {_gib(gathered)}: at "
-                   f"{self._budget()} ({_gib(usable)} usable) that needs {need}, more than gpus_per_node={most} "
-                   f"(one node) with recover.batch_size a multiple of micro_batch_size x N")
+            need = (f"{math.ceil(shared / spare)} GPUs" if spare > 0
+                    else "more than any number of GPUs: what each holds whole exceeds one already")
+            why = (f"sharded (FSDP), each of N GPUs holds 1/N of {_gib(shared)} ({teacher_part}training state "
+                   f"{_gib(state)}{' without its bf16 autocast copy' if cfg.method == 'full' else ''}) + activations "
+                   f"{_gib(activations)} + {_gib(gathered)} held whole (gathered layers"
+                   f"{', autocast copies' if cfg.method == 'full' else ''}): at {self._budget()} ({_gib(usable)} "
+                   f"usable) that needs {need}, more than gpus_per_node={most} (one node) with recover.batch_size a "
+                   "multiple of micro_batch_size x N")
         else:
             why = (f"data-parallel (each GPU holds the whole {held}), so every GPU needs "
                    f"{_gib(teacher + state + activations)} ({teacher_part}training state {_gib(state)} + activations "
