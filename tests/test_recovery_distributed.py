@@ -210,16 +210,18 @@ def _torchrun(root: Path, out: str, env: dict[str, str], log: Path | None = None
                             stderr=subprocess.STDOUT if log is not None else subprocess.PIPE, text=True)
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker (each in a session of its own), as a node failure would."""
-    workers = psutil.Process(process.pid).children(recursive=True)
-    process.kill()
-    for worker in workers:
+def _kill_tree(process: subprocess.Popen, workers: int | None = 2) -> None:
+    """SIGKILL torchrun and every worker (each in a session of its own), as a node failure would; with
+    `workers` None, whatever is left of a run that ended (none when it ended cleanly)."""
+    tree = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    for worker in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.kill()
     process.wait(timeout=60)
-    _, alive = psutil.wait_procs(workers, timeout=60)
-    assert len(workers) == 2 and not alive, (workers, alive)
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert (workers is None or len(tree) == workers) and not alive, (tree, alive)
 
 
 def _torchrun_to_the_end(root: Path, out: str, env: dict[str, str]) -> None:
@@ -280,29 +282,45 @@ def test_fsdp_on_cpu_processes_is_refused(staged_project, tmp_path):
     assert not (root / "data/recovered/refused").exists()
 
 
-def test_sharded_lora_distillation_resumes_after_sigkill(lora_project, tmp_path):
+def test_sharded_lora_distillation_resumes_after_sigterm_and_sigkill(lora_project, tmp_path):
     """LoRA distillation sharded over 2 processes (adapters and frozen base in FSDP2 units, the teacher
-    sharded too) and SIGKILLed after a checkpoint (every process wrote its shard of the weights and
-    optimizer state) resumes from it and ends where one process ends. Dropout off: two processes draw
-    other dropout masks than one."""
+    sharded too). SIGTERM to torchrun, as a cluster stops a job: torchrun passes it to both workers,
+    which finish the step, save a checkpoint (every process its shard of the weights and optimizer
+    state) and stop. The rerun resumes; SIGKILLed after a later checkpoint it resumes again, and ends
+    where one process ends. Dropout off: two processes draw other dropout masks than one."""
     root = tmp_path / "project"
     shutil.copytree(lora_project, root)
     set_param(root, "laptop.recover.lora_dropout", 0.0)
     run_stages_in_process(root, commands=[("recover", _argv("data/recovered/one"))])
     set_param(root, "laptop.recover.sharding", "fsdp")
     out, state = root / "data/recovered/fsdp", root / "data/recovered/.fsdp.state"
-    hook, log = tmp_path / "hook", tmp_path / "stage.log"
-    process = _torchrun(root, "data/recovered/fsdp", _fsdp_env(root, hook, "after:checkpoint-4"), log)
+
+    hook, log = tmp_path / "sigterm", tmp_path / "sigterm.log"
+    process = _torchrun(root, "data/recovered/fsdp", _fsdp_env(root, hook, "after:checkpoint-2"), log)
+    try:
+        _wait_until_held(process, hook, log)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1)  # torchrun hands it to the workers; the held one acts on it at the end of its step
+        (hook / "release").touch()
+        assert process.wait(timeout=240) != 0
+    finally:
+        _kill_tree(process, workers=None)
+    assert log.read_text().count("SIGTERM: training stopped after step 3 of 12") == 2, log.read_text()[-3000:]
+    assert not out.exists()
+    assert sorted(p.name for p in state.iterdir()) == ["checkpoint-3", "fingerprint.txt"]
+
+    hook, log = tmp_path / "sigkill", tmp_path / "sigkill.log"
+    process = _torchrun(root, "data/recovered/fsdp", _fsdp_env(root, hook, "after:checkpoint-6"), log)
     try:
         _wait_until_held(process, hook, log)
     finally:
         _kill_tree(process)  # torchrun and both workers, mid-run
     assert not out.exists()
-    assert (state / "checkpoint-4/pruneflow_record.json").is_file()
+    assert (state / "checkpoint-6/pruneflow_record.json").is_file()
 
-    _torchrun_to_the_end(root, "data/recovered/fsdp", _fsdp_env(root, tmp_path / "hook2"))
+    _torchrun_to_the_end(root, "data/recovered/fsdp", _fsdp_env(root, tmp_path / "end"))
     summary = _summary(out)
-    assert (summary["processes"], summary["sharding"], summary["resumed_from_step"]) == (2, "fsdp", 4)
+    assert (summary["processes"], summary["sharding"], summary["resumed_from_step"]) == (2, "fsdp", 6)
     _assert_trains_as(out, root / "data/recovered/one", rel=1e-5, atol=1e-5)
     assert (out / "adapter/adapter_model.safetensors").is_file()
     assert not state.exists()
