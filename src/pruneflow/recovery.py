@@ -645,6 +645,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_sharded_run(params: RecoverParams) -> bool:
+    """Whether this training job shards the models (FSDP): `recover.sharding: fsdp` under several processes;
+    with one process the setting has no effect."""
+    return params.sharding == "fsdp" and world_size() > 1
+
+
 def is_main_process() -> bool:
     """The process that writes outputs (global rank 0); every process of a single-process run."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -1151,7 +1157,7 @@ def train_recovery(
             val_dataset, tokenizer, cutoff_len=params.cutoff_len, train_on_inputs=params.train_on_inputs
         )
     has_val = val_dataset is not None and len(val_dataset) > 0
-    sharded = params.sharding == "fsdp" and processes > 1
+    sharded = is_sharded_run(params)
     pad_id = _pad_id(tokenizer)
     n_examples = len(train_dataset)
     total_steps = planned_steps(n_examples, params)

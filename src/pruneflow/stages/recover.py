@@ -50,10 +50,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         TrainingPreempted,
         check_lora_targets,
         is_main_process,
+        is_sharded_run,
         load_training_data,
         process_device,
         recover,
-        world_size,
     )
 
     # settings that do not fit this model fail on its shapes alone, before data or weights are read
@@ -104,14 +104,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             # base weights in the runtime dtype (bf16 on GPU); LoRA adapters train in fp32 under autocast.
             # Sharded (FSDP), only the main process reads the weights, into host memory; the others hold
             # placeholders and receive their shards from it (full training: the student already in fp32).
-            if cfg.sharding == "fsdp" and world_size() > 1:
-                def load(path: Path, trained: bool):
-                    if main_process:
-                        return load_pruned(path, dtype=dtype, device="cpu")
-                    return placeholder_model(path, dtype=torch.float32 if trained and cfg.method == "full" else dtype)
-            else:
-                def load(path: Path, trained: bool):
+            sharded = is_sharded_run(cfg)
+
+            def load(path: Path, trained: bool):
+                if not sharded:
                     return load_pruned(path, dtype=dtype, device=device)
+                if main_process:
+                    return load_pruned(path, dtype=dtype, device="cpu")
+                return placeholder_model(path, dtype=torch.float32 if trained and cfg.method == "full" else dtype)
+
             model = load(args.model, True)
             teacher = load(args.teacher, False) if distill else None
             teacher_mib = (sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
