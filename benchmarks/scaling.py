@@ -8,13 +8,20 @@ compared (activation statistics, scores, pruned weights: equal or not). A second
 memory arithmetic the automatic choice uses (`pruneflow.layerwise.memory_need`) to published 7B and
 70B shapes on one 80 GB GPU. Writes OUT.json and OUT.md.
 
+`--model FOLDER` measures a real checkpoint (a Hugging Face folder, e.g. `data/models/dense` or a
+downloaded 1B+ model) instead, calibrated on WikiText-2 train text by the calibrate stage; with
+`--device cuda` every stage runs on the GPU (`--dtype`, bf16 by default there) and the peak GPU
+memory torch allocated in each stage is recorded beside the host's peak RSS.
+
     python benchmarks/scaling.py --layers 2 8 31
+    python benchmarks/scaling.py --model /models/Llama-3.2-1B --device cuda --samples 128
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import shlex
@@ -42,6 +49,7 @@ LARGE = {
                     "tie_word_embeddings": False},
 }
 GPU_BYTES = 80 * 10**9  # one 80 GB GPU (A100 / H100 80GB)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_model(folder: Path, layers: int, args: argparse.Namespace) -> int:
@@ -67,22 +75,45 @@ def build_model(folder: Path, layers: int, args: argparse.Namespace) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def write_params(folder: Path, execution: str, layers: int, args: argparse.Namespace) -> Path:
+def calibrate_real_text(folder: Path, model: Path, args: argparse.Namespace) -> None:
+    """Calibration ids for a real checkpoint: the calibrate stage on WikiText-2 train text (its tokenizer)."""
+    params = write_params(folder, "whole_model", args)
+    subprocess.run([sys.executable, "-m", "pruneflow.stages.calibrate", "--params", str(params), "--model", str(model),
+                    "--out", str(folder / "calibration.safetensors")], check=True, cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+def dtype_of(args: argparse.Namespace) -> str:
+    return args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+
+
+def write_params(folder: Path, execution: str, args: argparse.Namespace, layers: int | None = None) -> Path:
+    """params.yaml for one path; `layers` None: prune every layer the model has (prune's own default range)."""
+    prune = {"attention_unit": "kv_group", "reconstruction": "none"}
+    if layers is not None:
+        prune.update(layer_start=0, layer_end=layers)
     overrides = {
         "scale": "full",
-        "runtime": {"device": "cpu", "dtype": "float32", "execution": execution},
+        "runtime": {"device": args.device, "dtype": dtype_of(args), "execution": execution},
         "calibration": {"num_samples": args.samples, "seq_len": args.seq_len},
         # no cached Gram matrices (4 (h^2 + f^2) bytes per layer): prune's re-fit then runs its own forward pass
         "activations": {"batch_size": 4, "max_tokens": 128, "gram_matrices": False},
         "score": {"micro_batch_size": 2},
         # no re-fit: its least-squares solves (CPU-bound, the same in both paths) would dominate the time
-        "prune": {"layer_start": 0, "layer_end": layers, "attention_unit": "kv_group", "reconstruction": "none"},
+        "prune": prune,
         "mlflow": {"enabled": False},
     }
-    params = _merge(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text()), overrides)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
     path = folder / f"params-{execution}.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def _prune_layers(config: dict) -> str:
+    """The layers params.yaml's prune range covers in this model ("4..27": both ends pruned)."""
+    prune = yaml.safe_load((REPO / "params.yaml").read_text())["prune"]
+    layers = config["num_hidden_layers"]
+    start, end = (bound if bound >= 0 else layers + bound for bound in (prune["layer_start"], prune["layer_end"]))
+    return f"{start}..{end - 1}"
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -92,8 +123,8 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def stage_argv(stage: str, folder: Path, execution: str, criterion: str) -> list[str]:
-    model, cal, out = folder / "model", folder / "calibration.safetensors", folder / execution
+def stage_argv(stage: str, folder: Path, execution: str, criterion: str, model: Path | None = None) -> list[str]:
+    model, cal, out = model or folder / "model", folder / "calibration.safetensors", folder / execution
     common = ["--params", str(folder / f"params-{execution}.yaml")]
     if stage == "cache_activations":
         return [*common, "--model", str(model), "--calibration", str(cal), "--out", str(out / "act.safetensors")]
@@ -106,16 +137,24 @@ def stage_argv(stage: str, folder: Path, execution: str, criterion: str) -> list
 
 
 def run_stage(stage: str, argv: list[str], threads: int) -> dict:
-    """In this (child) process: one stage CLI; its wall time and this process's peak RSS."""
+    """In this (child) process: one stage CLI; its wall time, this process's peak RSS and, where CUDA is
+    available, the peak GPU memory torch allocated (and reserved) during the stage."""
     import importlib
 
     torch.set_num_threads(threads)
     module = importlib.import_module(f"pruneflow.stages.{stage}")
     baseline = peak_rss_gb()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     module.main(argv)
-    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": peak_rss_gb(),
-            "rss_after_imports_gb": baseline}
+    result = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": peak_rss_gb(),
+              "rss_after_imports_gb": baseline}
+    if cuda:
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        result["peak_gpu_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+    return result
 
 
 def peak_rss_gb() -> float:
@@ -125,6 +164,18 @@ def peak_rss_gb() -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024**2, 2)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+
+
+def checkpoint_parameters(folder: Path) -> int:
+    """Parameters stored in a checkpoint's safetensors files (a tied head once), read from the headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            names = handle.keys()  # the handle itself is not iterable
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+    return total
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
@@ -166,23 +217,40 @@ def large_model_arithmetic(calibration_tokens: int, ppl_tokens: int) -> list[dic
     return rows
 
 
+def _what_was_measured(report: dict) -> str:
+    dtype = report.get("dtype", "float32")
+    common = (f"{dtype}, {report['samples']} calibration sequences x {report['seq_len']} tokens, criterion "
+              f"{report['criterion']}, prune ratio 0.2 without re-fit (the structure search and surgery; re-fitting "
+              "is measured in reconstruction.md). Each stage in its own process")
+    memory = ("; peak RSS of that process (on a CPU the host is the device)" if not report.get("gpu") else
+              "; peak GPU memory torch allocated during the stage, and the process's peak host RSS")
+    if report.get("model"):
+        what = (f"The checkpoint `{report['model']}` ({report['model_type']}, layers {report['prune_layers']} pruned, "
+                "params.yaml's range), calibrated "
+                f"on WikiText-2 train text, {common}")
+    else:
+        what = ("Random Llama models of TinyLlama-1.1B's width (hidden 2048, FFN 5632, 32 heads / 4 KV heads, "
+                f"32000-token vocabulary), layers 0..L-1 pruned, {common}")
+    return what + memory + ". 'same output' compares the two paths' files tensor by tensor."
+
+
+def _cell(r: dict, gpu: bool) -> str:
+    if "peak_rss_gb" not in r:
+        return f"failed: {r.get('error', 'not run')}"
+    return (f"{r.get('peak_gpu_gb', '-')} / {r['peak_rss_gb']} / {r['seconds']}" if gpu else
+            f"{r['peak_rss_gb']} / {r['seconds']}")
+
+
 def _markdown(report: dict) -> str:
+    gpu = bool(report.get("gpu"))
+    unit = "peak GPU GB / peak RSS GB / s" if gpu else "peak RSS GB / s"
     lines = ["# Whole model vs layer by layer as the model grows", "",
-             f"Command: `{report['command']}`  ", f"Device: {report['device']}", "",
-             f"Random Llama models of TinyLlama-1.1B's width (hidden 2048, FFN 5632, 32 heads / 4 KV heads, "
-             f"32000-token vocabulary), fp32, {report['samples']} calibration sequences x {report['seq_len']} tokens, "
-             f"criterion {report['criterion']}, prune ratio 0.2 of layers 0..L-1 without re-fit (the structure "
-             "search and surgery; re-fitting is measured in reconstruction.md). Each stage in its own process; peak RSS of that process (on a CPU the host is the "
-             "device). 'same output' compares the two paths' files tensor by tensor.", "",
-             "| layers | params (B) | stage | whole model: peak RSS GB / s | layer by layer: peak RSS GB / s |",
+             f"Command: `{report['command']}`  ", f"Device: {report['device']}", "", _what_was_measured(report), "",
+             f"| layers | params (B) | stage | whole model: {unit} | layer by layer: {unit} |",
              "|---|---|---|---|---|"]
     for row in report["rows"]:
         for stage in STAGES:
-            cells = []
-            for execution in EXECUTIONS:
-                r = row["stages"].get(execution, {}).get(stage, {})
-                cells.append(f"{r['peak_rss_gb']} / {r['seconds']}" if "peak_rss_gb" in r else
-                             f"failed: {r.get('error', 'not run')}")
+            cells = [_cell(row["stages"].get(execution, {}).get(stage, {}), gpu) for execution in EXECUTIONS]
             lines.append(f"| {row['layers']} | {row['params'] / 1e9:.2f} | {stage} | {cells[0]} | {cells[1]} |")
     lines += ["", "Same output (whole model vs layer by layer): " + "; ".join(
         f"{row['layers']} layers: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in row["same_output"].items())
@@ -206,6 +274,11 @@ def _markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 31])
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a real checkpoint folder to measure instead of the random models")
+    parser.add_argument("--device", default="cpu", help="runtime.device of every stage: cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="runtime.dtype (default: float32 on the CPU, bfloat16 on a GPU)")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--criterion", default="taylor_element1")
@@ -226,23 +299,33 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT" + json.dumps(run_stage(raw[1], raw[3:], int(raw[2]))))
         return 0
     args = parser.parse_args(raw)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there (a Hugging Face checkpoint folder is needed)")
     command = " ".join(["python", "benchmarks/scaling.py", *map(shlex.quote, raw)])
     rows = []
     workdir = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
-        for layers in args.layers:
-            folder = workdir / f"layers{layers}"
+        for layers in [None] if args.model is not None else args.layers:
+            folder = workdir / f"layers{layers or 'model'}"
             folder.mkdir()
-            built = subprocess.run([sys.executable, __file__, "--build", str(folder), str(layers), str(args.samples),
-                                    str(args.seq_len)], capture_output=True, text=True, check=True)
-            row = {"layers": layers, "params": int(built.stdout.split("PARAMS", 1)[1]), "stages": {}}
+            if args.model is not None:
+                config = json.loads((args.model / "config.json").read_text())
+                calibrate_real_text(folder, args.model, args)
+                row = {"layers": config["num_hidden_layers"], "params": checkpoint_parameters(args.model),
+                       "model_type": config.get("model_type"), "prune_layers": _prune_layers(config), "stages": {}}
+            else:
+                built = subprocess.run([sys.executable, __file__, "--build", str(folder), str(layers),
+                                        str(args.samples), str(args.seq_len)], capture_output=True, text=True, check=True)
+                row = {"layers": layers, "params": int(built.stdout.split("PARAMS", 1)[1]), "stages": {}}
             for execution in EXECUTIONS:
-                write_params(folder, execution, layers, args)
+                write_params(folder, execution, args, layers)
                 results = row["stages"][execution] = {}
                 for stage in STAGES:
                     done = subprocess.run(
                         [sys.executable, __file__, "--child", stage, str(args.threads),
-                         *stage_argv(stage, folder, execution, args.criterion)],
+                         *stage_argv(stage, folder, execution, args.criterion, args.model)],
                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
                     if done.returncode == 0 and "RESULT" in done.stdout:
                         results[stage] = json.loads(done.stdout.split("RESULT", 1)[1])
@@ -257,9 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     from pruneflow.pipeline.atomic import write_json, write_text
 
-    device = f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads), torch {torch.__version__}"
-    report = {"command": command, "device": device, "samples": args.samples, "seq_len": args.seq_len,
-              "criterion": args.criterion, "rows": rows,
+    gpu = args.device.startswith("cuda")
+    device = (f"{torch.cuda.get_device_name(torch.device(args.device))} (CUDA {torch.version.cuda}), host CPU "
+              f"{args.threads} threads" if gpu else
+              f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)") + f", torch {torch.__version__}"
+    report = {"command": command, "device": device, "gpu": gpu, "dtype": dtype_of(args), "samples": args.samples,
+              "seq_len": args.seq_len, "criterion": args.criterion, "rows": rows,
+              "model": str(args.model) if args.model is not None else None,
+              "model_type": rows[0].get("model_type") if rows else None,
+              "prune_layers": rows[0].get("prune_layers") if rows else None,
               "large_models": large_model_arithmetic(args.large_calibration_tokens, args.ppl_tokens)}
     write_json(args.out.with_suffix(".json"), report)
     write_text(args.out.with_suffix(".md"), _markdown(report))

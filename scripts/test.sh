@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DVC_NO_ANALYTICS=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -q --durations=15 "$@"
+# two workers (pytest-xdist): a stage process spends most of its time importing, on one core; later
+# options win (`-n 0` runs in one process)
+python -m pytest -q -n 2 --durations=15 "$@"

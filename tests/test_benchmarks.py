@@ -198,3 +198,23 @@ def test_scaling_benchmark_arithmetic_and_table():
     assert "| 2 | 0.20 | cache_activations | 1.5 / 2.0 | failed: boom |" in table
     assert "2 layers: activations yes, scores NO" in table
     assert "| Llama-3-70B (70.6B) | score taylor (mean gradient) | 65536 |" in table
+    # a real checkpoint on a GPU: the peak GPU memory of each stage leads each cell
+    on_gpu = {**report, "gpu": True, "dtype": "bfloat16", "model": "/models/llama-1b", "model_type": "llama",
+              "prune_layers": "4..13",
+              "rows": [{"layers": 16, "params": 1_235_814_400, "stages": {
+                  "whole_model": {s: {"peak_gpu_gb": 3.1, "peak_rss_gb": 9.0, "seconds": 4.0} for s in scaling.STAGES},
+                  "layer_by_layer": {s: {"peak_gpu_gb": 0.6, "peak_rss_gb": 7.5, "seconds": 6.0}
+                                     for s in scaling.STAGES}}}]}
+    table = scaling._markdown(on_gpu)
+    assert "| layers | params (B) | stage | whole model: peak GPU GB / peak RSS GB / s |" in table
+    assert "| 16 | 1.24 | score | 3.1 / 9.0 / 4.0 | 0.6 / 7.5 / 6.0 |" in table
+    assert "The checkpoint `/models/llama-1b` (llama, layers 4..13 pruned" in table and "bfloat16" in table
+    assert scaling._prune_layers({"num_hidden_layers": 16}) == "4..13"  # params.yaml: 4 .. -2
+
+
+def test_scaling_benchmark_counts_a_checkpoints_parameters(tiny_checkpoint):
+    """From the safetensors headers alone: what the loaded model counts (its tied head once)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    assert _load("scaling").checkpoint_parameters(tiny_checkpoint) == sum(p.numel() for p in model.parameters())

@@ -41,9 +41,16 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.05)
 
 
+def _as_in_a_terminal() -> None:
+    """SIGINT at its default in the child, as a terminal's foreground job has it: a shell starting a
+    background job (`pytest ... &`) sets it to ignored, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cmd: list[str], root: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=root, env={**project_env(root), **(extra_env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_as_in_a_terminal)
 
 
 def test_second_dvc_repro_fails_clearly_while_the_first_holds_the_lock(tmp_path):
