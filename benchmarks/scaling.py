@@ -167,7 +167,8 @@ def peak_rss_gb() -> float:
 
 
 def checkpoint_parameters(folder: Path) -> int:
-    """Parameters stored in a checkpoint's safetensors files (a tied head once), read from the headers."""
+    """Parameters stored in a checkpoint's safetensors files (a tied head once), read from the headers;
+    a folder without safetensors: the parameters of its config's model built without memory."""
     from safetensors import safe_open
 
     total = 0
@@ -175,6 +176,15 @@ def checkpoint_parameters(folder: Path) -> int:
         with safe_open(str(path), framework="pt") as handle:
             names = handle.keys()  # the handle itself is not iterable
             total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+    if total == 0:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True),
+                                                     trust_remote_code=True)
+        model.tie_weights()
+        total = sum(p.numel() for p in model.parameters())
     return total
 
 
@@ -304,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None and not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model}: no config.json there (a Hugging Face checkpoint folder is needed)")
     command = " ".join(["python", "benchmarks/scaling.py", *map(shlex.quote, raw)])
+    named_model = str(args.model) if args.model is not None else None  # as given, for the report
+    if args.model is not None:
+        args.model = args.model.resolve()  # the calibrate stage runs in the repository root
     rows = []
     workdir = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
@@ -346,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
               f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)") + f", torch {torch.__version__}"
     report = {"command": command, "device": device, "gpu": gpu, "dtype": dtype_of(args), "samples": args.samples,
               "seq_len": args.seq_len, "criterion": args.criterion, "rows": rows,
-              "model": str(args.model) if args.model is not None else None,
+              "model": named_model,
               "model_type": rows[0].get("model_type") if rows else None,
               "prune_layers": rows[0].get("prune_layers") if rows else None,
               "large_models": large_model_arithmetic(args.large_calibration_tokens, args.ppl_tokens)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 
 import pytest
@@ -212,9 +213,14 @@ def test_scaling_benchmark_arithmetic_and_table():
     assert scaling._prune_layers({"num_hidden_layers": 16}) == "4..13"  # params.yaml: 4 .. -2
 
 
-def test_scaling_benchmark_counts_a_checkpoints_parameters(tiny_checkpoint):
-    """From the safetensors headers alone: what the loaded model counts (its tied head once)."""
+def test_scaling_benchmark_counts_a_checkpoints_parameters(tiny_checkpoint, tmp_path):
+    """From the safetensors headers alone, or from config.json alone: what the loaded model counts (its
+    tied head once)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    assert _load("scaling").checkpoint_parameters(tiny_checkpoint) == sum(p.numel() for p in model.parameters())
+    loaded = sum(p.numel() for p in model.parameters())
+    scaling = _load("scaling")
+    assert scaling.checkpoint_parameters(tiny_checkpoint) == loaded
+    shutil.copy(tiny_checkpoint / "config.json", tmp_path / "config.json")  # no weights in this folder
+    assert scaling.checkpoint_parameters(tmp_path) == loaded
