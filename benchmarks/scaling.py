@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import resource
 import shlex
@@ -87,7 +86,7 @@ def dtype_of(args: argparse.Namespace) -> str:
 
 
 def write_params(folder: Path, execution: str, args: argparse.Namespace, layers: int | None = None) -> Path:
-    """params.yaml for one path; `layers` None: prune every layer the model has (prune's own default range)."""
+    """params.yaml for one path; `layers` None: prune params.yaml's layer range of the model."""
     prune = {"attention_unit": "kv_group", "reconstruction": "none"}
     if layers is not None:
         prune.update(layer_start=0, layer_end=layers)
@@ -110,10 +109,10 @@ def write_params(folder: Path, execution: str, args: argparse.Namespace, layers:
 
 def _prune_layers(config: dict) -> str:
     """The layers params.yaml's prune range covers in this model ("4..27": both ends pruned)."""
-    prune = yaml.safe_load((REPO / "params.yaml").read_text())["prune"]
-    layers = config["num_hidden_layers"]
-    start, end = (bound if bound >= 0 else layers + bound for bound in (prune["layer_start"], prune["layer_end"]))
-    return f"{start}..{end - 1}"
+    from pruneflow.config import load_params
+
+    layers = load_params(REPO / "params.yaml").prune.layer_range(config["num_hidden_layers"])
+    return f"{layers.start}..{layers.stop - 1}"
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -167,25 +166,11 @@ def peak_rss_gb() -> float:
 
 
 def checkpoint_parameters(folder: Path) -> int:
-    """Parameters stored in a checkpoint's safetensors files (a tied head once), read from the headers;
-    a folder without safetensors: the parameters of its config's model built without memory."""
-    from safetensors import safe_open
+    """The checkpoint's parameters (a tied head once), from its module tree on the meta device: no weights read."""
+    from pruneflow.architectures import count_parameters
+    from pruneflow.checkpoint import model_skeleton
 
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            names = handle.keys()  # the handle itself is not iterable
-            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
-    if total == 0:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True),
-                                                     trust_remote_code=True)
-        model.tie_weights()
-        total = sum(p.numel() for p in model.parameters())
-    return total
+    return count_parameters(model_skeleton(folder))
 
 
 def _same_tensors(a: Path, b: Path) -> bool:

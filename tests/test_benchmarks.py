@@ -214,8 +214,8 @@ def test_scaling_benchmark_arithmetic_and_table():
 
 
 def test_scaling_benchmark_counts_a_checkpoints_parameters(tiny_checkpoint, tmp_path):
-    """From the safetensors headers alone, or from config.json alone: what the loaded model counts (its
-    tied head once)."""
+    """From config.json alone (no weights read, none needed): what the loaded model counts (its tied head
+    once)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
