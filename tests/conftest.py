@@ -65,3 +65,16 @@ def staged_project(tmp_path_factory) -> Path:
     set_param(root, "mlflow.enabled", False)
     run_stages_in_process(root, criteria=["l2_magnitude"], ratio=0.3)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slowest tests first (the whole-DAG runs, then the embedded model's golden check): with
+    several workers (pytest-xdist, `--maxschedchunk=1` in scripts/test.sh) they start at once on
+    different workers while the many short tests fill the gaps, instead of one DAG run starting last
+    and keeping the whole suite waiting. The order within each group is the collection order."""
+    def rank(item) -> int:
+        if item.get_closest_marker("integration"):
+            return 0
+        return 1 if item.get_closest_marker("embedded") else 2
+
+    items.sort(key=rank)  # stable

@@ -17,8 +17,10 @@ from .tiny_project import (
     init_git_and_dvc,
     make_tiny_project,
     run,
+    run_stages_in_process,
     set_param,
     snakemake_planned_jobs,
+    stage_chain,
 )
 from .trace_hook import read_traces, trace_hook_env
 
@@ -284,6 +286,91 @@ def _check_input_hashes(root) -> None:
         assert len(tags["pruneflow.git_commit"]) == 40
 
 
+# loads each checkpoint with transformers alone (no pruneflow import: its Auto registrations would hide
+# a folder that only loads with them) and prints its class and logits on fixed token ids
+_PLAIN_TRANSFORMERS_LOAD = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+ids = torch.arange(3, 27).reshape(2, 12)
+out = {}
+for folder, remote in json.loads(sys.argv[1]).items():
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out[folder] = [type(model).__name__, model(ids).logits.tolist()]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_gemma3_dag_through_snakemake_then_dvc(tmp_path):
+    """A family other than Llama end to end: Gemma 3 (multi-query attention: its one KV head cannot go,
+    so attention loses query heads or nothing; pre- and post-sublayer norms, q/k norms, local/global
+    layers, tied embeddings) through Snakemake, then DVC finds the run recorded and reruns only what a
+    changed setting affects. llama.cpp's graphs of the exporter do not cover Gemma: no export_gguf."""
+    import torch
+
+    from pruneflow.checkpoint import load_pruned
+
+    overrides = {"grid": {"criteria": ["taylor_element1", "obs"], "ratios": [0.3],
+                          "recovered_criteria": ["taylor_element1"], "servable_criteria": ["obs"]},
+                 "mlflow": {"enabled": False}}  # tracking is checked by the Llama DAG tests
+    root = make_tiny_project(tmp_path / "project", overrides, family="gemma3")
+    init_git_and_dvc(root)
+    assert snakemake_planned_jobs(root) == {"prepare_model": 1, "calibrate": 1, "cache_activations": 1, "score": 2,
+                                            "prune": 2, "prune_servable": 1, "recover": 1, "evaluate_dense": 1,
+                                            "evaluate_pruned": 2, "evaluate_recovered": 1, "evaluate_servable": 1,
+                                            "report": 1}  # no export_gguf
+    run(["pruneflow", "run", "--resources", "gpu=2"], root)
+    # recording the run in dvc.lock links the outputs to DVC's cache: they keep their times, or Snakemake
+    # would rerun whatever reads a file above its 1 MB checksum limit (this model's activations)
+    assert snakemake_planned_jobs(root) == {}, "a second run with nothing changed must do nothing"
+
+    results = (root / "reports/results.md").read_text()
+    for model_id in ("dense", "pruned/taylor_element1/0.3", "pruned/obs/0.3", "recovered/taylor_element1/0.3",
+                     "servable/obs/0.3"):
+        assert f"| {model_id} |" in results, model_id
+        metrics = json.loads((root / f"reports/metrics/{model_id}.json").read_text())
+        assert metrics["perplexity"]["wikitext2"]["ppl"] > 1 and 0 <= metrics["zeroshot"]["arc_easy"]["acc"] <= 1
+    assert not (root / "data/gguf").exists()
+    for name in ("taylor_element1", "obs"):
+        summary = json.loads((root / f"data/pruned/{name}/0.3/pruning_summary.json").read_text())
+        assert summary["achieved_ratio"] == pytest.approx(0.3, abs=0.02), name
+        # auto: whole KV groups are no candidate with one KV head per layer
+        assert summary["attention_unit"] == "query_head" or summary["structures"] == ["ffn"], summary["attention_unit"]
+        assert [t["layout"] for t in summary["layout_search"]] == ["ffn", "query_head+ffn"]
+        assert all(shape["num_key_value_heads"] == 1 for shape in summary["layer_shapes_after"])
+
+    # per-layer widths: the family's per-layer classes (shipped code); servable: Gemma 3's own classes.
+    # pruneflow's loader and transformers alone give the same model
+    folders = {"data/pruned/taylor_element1/0.3": True, "data/pruned/obs/0.3": True,
+               "data/recovered/taylor_element1/0.3": True, "data/servable/obs/0.3": False}
+    for folder, per_layer in folders.items():
+        config = json.loads((root / folder / "config.json").read_text())
+        assert config["model_type"] == ("pruneflow_gemma3_text" if per_layer else "gemma3_text"), folder
+        assert (root / folder / "modeling_pruneflow.py").is_file() == per_layer, folder
+    plain = run(["python", "-c", _PLAIN_TRANSFORMERS_LOAD, json.dumps(folders)], root).stdout
+    loaded = json.loads(plain.split("RESULT", 1)[1])
+    ids = torch.arange(3, 27).reshape(2, 12)
+    for folder, per_layer in folders.items():
+        model = load_pruned(root / folder)
+        assert loaded[folder][0] == ("PruneflowGemma3ForCausalLM" if per_layer else "Gemma3ForCausalLM"), folder
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert torch.allclose(logits, torch.tensor(loaded[folder][1]), atol=1e-4), folder
+
+    # Snakemake's run is recorded in dvc.lock; a changed LoRA setting reruns its chain in DVC only
+    assert "up to date" in run(["dvc", "status"], root).stdout, "Snakemake's outputs must be recorded in dvc.lock"
+    set_param(root, "recover.lora_dropout", 0.1)
+    assert dvc_planned_stages(root) == ["recover@taylor_element1-0.3"]  # what follows waits for its output
+    pruned = (root / "data/pruned/taylor_element1/0.3/model.safetensors").stat().st_mtime_ns
+    assert dvc_ran_stages(root) == ["evaluate_recovered@taylor_element1-0.3", "recover@taylor_element1-0.3",
+                                    "report"]
+    assert (root / "data/pruned/taylor_element1/0.3/model.safetensors").stat().st_mtime_ns == pruned
+    metrics = json.loads((root / "reports/metrics/recovered/taylor_element1/0.3.json").read_text())
+    assert metrics["provenance"][-2]["params"]["recover.lora_dropout"] == 0.1
+    assert "up to date" in run(["dvc", "status"], root).stdout
+
+
 def test_dvc_repro_runs_the_dag_and_reruns_only_affected_stages(tmp_path):
     root = make_tiny_project(tmp_path / "project")
     init_git_and_dvc(root)
@@ -393,12 +480,18 @@ def _check_pruned(root, criteria, allocation: str) -> None:
         assert load_pruned(folder) is not None
 
 
-def test_every_criterion_with_global_allocation_through_snakemake(tmp_path):
+def test_every_criterion_with_global_allocation(tmp_path):
+    """Every criterion's score and prune stages with global allocation: three of them (a gradient, an
+    activation and a second-order criterion) through Snakemake, whose prune job for one is SIGKILLed
+    while writing, the others by the same stage mains in this process from Snakemake's upstream outputs
+    (a stage process costs ~10 s of imports; the rule is the same for every criterion)."""
     from pruneflow.importance import CRITERIA
 
     root = make_tiny_project(tmp_path / "project", _every_criterion_overrides(allocation="global"))
+    through_snakemake = ["taylor_element1", "mutual_information", "obs"]
     # targets first: --resources takes every following word
-    command = ["snakemake", *(f"data/pruned/{c}/0.3" for c in CRITERIA), "--cores", "all", "--resources", "gpu=2"]
+    command = ["snakemake", *(f"data/pruned/{c}/0.3" for c in through_snakemake), "--cores", "all",
+               "--resources", "gpu=2"]
 
     # a prune job SIGKILLed while writing its checkpoint: nothing that looks complete is left ...
     killed_output = root / "data/pruned/taylor_element1/0.3"
@@ -411,11 +504,15 @@ def test_every_criterion_with_global_allocation_through_snakemake(tmp_path):
     # ... and the plain rerun finishes the work without touching what had finished
     run(command, root)
     assert {path: (root / path).stat().st_mtime_ns for path in finished} == finished
+
+    in_process = [c for c in CRITERIA if c not in through_snakemake]
+    run_stages_in_process(root, commands=[(stage, argv) for stage, argv in stage_chain(in_process, 0.3)
+                                          if stage in ("score", "prune")])
     _check_pruned(root, CRITERIA, "global")
 
 
 def test_query_head_pruning_through_dvc(tmp_path):
-    criteria = ["taylor_element1", "obs"]  # every criterion already ran through Snakemake
+    criteria = ["taylor_element1", "obs"]  # every criterion is pruned in the test above
     # the other reconstruction mode than the Snakemake test's (the default), with FLAP's bias term
     overrides = _every_criterion_overrides(attention_unit="query_head", reconstruction="least_squares_bias",
                                            reconstruction_mode="sequential")
@@ -448,88 +545,3 @@ def test_query_head_pruning_through_dvc(tmp_path):
     run(["dvc", "pull", "prune", "--with-deps"], root)
     assert {p: p.read_bytes() for out in outputs for p in (root / out).rglob("*") if p.is_file()} == before
     assert "up to date" in run(["dvc", "status", "prune", "--with-deps"], root).stdout
-
-
-# loads each checkpoint with transformers alone (no pruneflow import: its Auto registrations would hide
-# a folder that only loads with them) and prints its class and logits on fixed token ids
-_PLAIN_TRANSFORMERS_LOAD = """
-import json, sys
-import torch
-from transformers import AutoModelForCausalLM
-ids = torch.arange(3, 27).reshape(2, 12)
-out = {}
-for folder, remote in json.loads(sys.argv[1]).items():
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out[folder] = [type(model).__name__, model(ids).logits.tolist()]
-print("RESULT" + json.dumps(out))
-"""
-
-
-def test_gemma3_dag_through_snakemake_then_dvc(tmp_path):
-    """A family other than Llama end to end: Gemma 3 (multi-query attention: its one KV head cannot go,
-    so attention loses query heads or nothing; pre- and post-sublayer norms, q/k norms, local/global
-    layers, tied embeddings) through Snakemake, then DVC finds the run recorded and reruns only what a
-    changed setting affects. llama.cpp's graphs of the exporter do not cover Gemma: no export_gguf."""
-    import torch
-
-    from pruneflow.checkpoint import load_pruned
-
-    overrides = {"grid": {"criteria": ["taylor_element1", "obs"], "ratios": [0.3],
-                          "recovered_criteria": ["taylor_element1"], "servable_criteria": ["obs"]},
-                 "mlflow": {"enabled": False}}  # tracking is checked by the Llama DAG tests
-    root = make_tiny_project(tmp_path / "project", overrides, family="gemma3")
-    init_git_and_dvc(root)
-    assert snakemake_planned_jobs(root) == {"prepare_model": 1, "calibrate": 1, "cache_activations": 1, "score": 2,
-                                            "prune": 2, "prune_servable": 1, "recover": 1, "evaluate_dense": 1,
-                                            "evaluate_pruned": 2, "evaluate_recovered": 1, "evaluate_servable": 1,
-                                            "report": 1}  # no export_gguf
-    run(["pruneflow", "run", "--resources", "gpu=2"], root)
-    # recording the run in dvc.lock links the outputs to DVC's cache: they keep their times, or Snakemake
-    # would rerun whatever reads a file above its 1 MB checksum limit (this model's activations)
-    assert snakemake_planned_jobs(root) == {}, "a second run with nothing changed must do nothing"
-
-    results = (root / "reports/results.md").read_text()
-    for model_id in ("dense", "pruned/taylor_element1/0.3", "pruned/obs/0.3", "recovered/taylor_element1/0.3",
-                     "servable/obs/0.3"):
-        assert f"| {model_id} |" in results, model_id
-        metrics = json.loads((root / f"reports/metrics/{model_id}.json").read_text())
-        assert metrics["perplexity"]["wikitext2"]["ppl"] > 1 and 0 <= metrics["zeroshot"]["arc_easy"]["acc"] <= 1
-    assert not (root / "data/gguf").exists()
-    for name in ("taylor_element1", "obs"):
-        summary = json.loads((root / f"data/pruned/{name}/0.3/pruning_summary.json").read_text())
-        assert summary["achieved_ratio"] == pytest.approx(0.3, abs=0.02), name
-        # auto: whole KV groups are no candidate with one KV head per layer
-        assert summary["attention_unit"] == "query_head" or summary["structures"] == ["ffn"], summary["attention_unit"]
-        assert [t["layout"] for t in summary["layout_search"]] == ["ffn", "query_head+ffn"]
-        assert all(shape["num_key_value_heads"] == 1 for shape in summary["layer_shapes_after"])
-
-    # per-layer widths: the family's per-layer classes (shipped code); servable: Gemma 3's own classes.
-    # pruneflow's loader and transformers alone give the same model
-    folders = {"data/pruned/taylor_element1/0.3": True, "data/pruned/obs/0.3": True,
-               "data/recovered/taylor_element1/0.3": True, "data/servable/obs/0.3": False}
-    for folder, per_layer in folders.items():
-        config = json.loads((root / folder / "config.json").read_text())
-        assert config["model_type"] == ("pruneflow_gemma3_text" if per_layer else "gemma3_text"), folder
-        assert (root / folder / "modeling_pruneflow.py").is_file() == per_layer, folder
-    plain = run(["python", "-c", _PLAIN_TRANSFORMERS_LOAD, json.dumps(folders)], root).stdout
-    loaded = json.loads(plain.split("RESULT", 1)[1])
-    ids = torch.arange(3, 27).reshape(2, 12)
-    for folder, per_layer in folders.items():
-        model = load_pruned(root / folder)
-        assert loaded[folder][0] == ("PruneflowGemma3ForCausalLM" if per_layer else "Gemma3ForCausalLM"), folder
-        with torch.no_grad():
-            logits = model(ids).logits
-        assert torch.allclose(logits, torch.tensor(loaded[folder][1]), atol=1e-4), folder
-
-    # Snakemake's run is recorded in dvc.lock; a changed LoRA setting reruns its chain in DVC only
-    assert "up to date" in run(["dvc", "status"], root).stdout, "Snakemake's outputs must be recorded in dvc.lock"
-    set_param(root, "recover.lora_dropout", 0.1)
-    assert dvc_planned_stages(root) == ["recover@taylor_element1-0.3"]  # what follows waits for its output
-    pruned = (root / "data/pruned/taylor_element1/0.3/model.safetensors").stat().st_mtime_ns
-    assert dvc_ran_stages(root) == ["evaluate_recovered@taylor_element1-0.3", "recover@taylor_element1-0.3",
-                                    "report"]
-    assert (root / "data/pruned/taylor_element1/0.3/model.safetensors").stat().st_mtime_ns == pruned
-    metrics = json.loads((root / "reports/metrics/recovered/taylor_element1/0.3.json").read_text())
-    assert metrics["provenance"][-2]["params"]["recover.lora_dropout"] == 0.1
-    assert "up to date" in run(["dvc", "status"], root).stdout

@@ -68,12 +68,13 @@ def test_bad_evaluation_files_are_clear_errors(tmp_path, content):
 
 @pytest.mark.embedded
 def test_dense_smollm2_reproduces_reference_perplexity():
-    """Reference: raw WikiText-2 test, first 300 windows of 128 tokens = 56.84 (fp32, CPU)."""
+    """Reference: raw WikiText-2 test, first 100 windows of 128 tokens = 57.98 (fp32, CPU; all 2,382 windows:
+    56.09, measured by benchmarks/reference_ppl.py). 100 windows keep this check to ~40 s of compute."""
     pytest.importorskip("gguf")
     from pruneflow.modeling import load_source, resolve_source
 
     model, tokenizer = load_source(resolve_source("embedded:smollm2-135m-instruct"))
     ids = tokenize_text(evaluation_text("wikitext2", PROJECT_ROOT / "data/raw"), tokenizer)
     assert ids.numel() // 128 == 2382
-    result = perplexity(model.float(), ids, seq_len=128, batch_size=16, max_windows=300)
-    assert result.ppl == pytest.approx(56.84, rel=0.001)
+    result = perplexity(model.float(), ids, seq_len=128, batch_size=16, max_windows=100)
+    assert result.ppl == pytest.approx(57.98, rel=0.001)
