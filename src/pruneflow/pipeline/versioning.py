@@ -65,15 +65,15 @@ def commit_built_stages(root: str | Path, built_outputs: Iterable[str]) -> list[
 
     This is `dvc commit --force` for many stages in one pass: under one repository lock each stage's
     hashes are saved and its outputs linked to the cache, then dvc.lock is written once. `Repo.commit`
-    takes one target and re-reads and rewrites dvc.lock (and dvc.yaml) per call, which on a
-    16-stage DAG cost ~45 s of YAML parsing alone, growing with the square of the stage count.
+    takes one target and re-reads and rewrites dvc.lock (and dvc.yaml) per call: 38 s instead of 5 s
+    on a 16-stage DAG, nearly all of it YAML parsing, growing with the square of the stage count.
     """
     from dvc.repo import Repo, lock_repo
 
     root = Path(root).resolve()
     built = {_relative(path, root) for path in built_outputs}
     committed = []
-    with contextlib.chdir(root), Repo(str(root)) as repo, lock_repo(repo):  # DVC resolves targets from the cwd
+    with contextlib.chdir(root), Repo(str(root)) as repo, lock_repo(repo):  # DVC names stages from the cwd
         for stage in _stages_upstream_first(repo):
             outs = _stage_outs(stage, root)
             if not outs or not all(out in built and (root / out).exists() for out in outs):
