@@ -88,16 +88,19 @@ def dtype_of(args: argparse.Namespace) -> str:
 def write_params(folder: Path, execution: str, args: argparse.Namespace, layers: int | None = None) -> Path:
     """params.yaml for one path; `layers` None: prune params.yaml's layer range of the model."""
     prune = {"attention_unit": "kv_group", "reconstruction": "none"}
+    if getattr(args, "refit", False):  # the parallel re-fit gathers every pruned layer's Gram sums by forward passes
+        prune.update(reconstruction="least_squares", reconstruction_mode="parallel")
     if layers is not None:
         prune.update(layer_start=0, layer_end=layers)
     overrides = {
         "scale": "full",
         "runtime": {"device": args.device, "dtype": dtype_of(args), "execution": execution},
         "calibration": {"num_samples": args.samples, "seq_len": args.seq_len},
-        # no cached Gram matrices (4 (h^2 + f^2) bytes per layer): prune's re-fit then runs its own forward pass
+        # no cached Gram matrices (4 (h^2 + f^2) bytes per layer): with --refit prune gathers its own
         "activations": {"batch_size": 4, "max_tokens": 128, "gram_matrices": False},
         "score": {"micro_batch_size": 2},
-        # no re-fit: its least-squares solves (CPU-bound, the same in both paths) would dominate the time
+        # one attention unit and, without --refit, no re-fit: prune then runs no forward pass, so its rows
+        # measure the surgery on a model held in host memory, the same code in both paths
         "prune": prune,
         "mlflow": {"enabled": False},
     }
@@ -200,11 +203,13 @@ def large_model_arithmetic(calibration_tokens: int, ppl_tokens: int) -> list[dic
         with init_empty_weights():
             model = LlamaForCausalLM(LlamaConfig(**fields))
         params = sum(p.numel() for p in model.parameters())
-        for what, tokens, gradients in (("cache_activations", calibration_tokens, "none"),
-                                        ("score taylor (mean gradient)", calibration_tokens, "mean"),
-                                        ("score taylor_element2 (Fisher)", calibration_tokens, "fisher"),
-                                        ("evaluate perplexity", ppl_tokens, "none")):
-            need = memory_need(model, torch.bfloat16, tokens=tokens, gradients=gradients)
+        for what, tokens, gradients, grams in (
+                ("cache_activations", calibration_tokens, "none", "none"),
+                ("cache_activations with Gram matrices", calibration_tokens, "none", "saved"),
+                ("score taylor (mean gradient)", calibration_tokens, "mean", "none"),
+                ("score taylor_element2 (Fisher)", calibration_tokens, "fisher", "none"),
+                ("evaluate perplexity", ppl_tokens, "none", "none")):
+            need = memory_need(model, torch.bfloat16, tokens=tokens, gradients=gradients, grams=grams)
             rows.append({"model": name, "params": params, "pass": what, "tokens": tokens,
                          **{k: round(v / 1e9, 2) for k, v in need.to_dict().items()},
                          "whole_model_fits_80gb": need.whole_model <= GPU_BYTES,
@@ -214,9 +219,13 @@ def large_model_arithmetic(calibration_tokens: int, ppl_tokens: int) -> list[dic
 
 def _what_was_measured(report: dict) -> str:
     dtype = report.get("dtype", "float32")
+    refit = ("with the parallel least-squares re-fit, its Gram sums gathered by the prune stage's own forward "
+             "passes (whole model: every pruned layer's at once; layer by layer: one layer's, re-fitted as soon as "
+             "it has run)" if report.get("refit") else
+             "without re-fit (the structure search and surgery: no forward pass, the same code in both paths; "
+             "re-fitting is measured with --refit and in reconstruction.md)")
     common = (f"{dtype}, {report['samples']} calibration sequences x {report['seq_len']} tokens, criterion "
-              f"{report['criterion']}, prune ratio 0.2 without re-fit (the structure search and surgery; re-fitting "
-              "is measured in reconstruction.md). Each stage in its own process")
+              f"{report['criterion']}, prune ratio 0.2 {refit}. Each stage in its own process")
     memory = ("; peak RSS of that process (on a CPU the host is the device)" if not report.get("gpu") else
               "; peak GPU memory torch allocated during the stage, and the process's peak host RSS")
     if report.get("model"):
@@ -251,19 +260,38 @@ def _markdown(report: dict) -> str:
         f"{row['layers']} layers: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in row["same_output"].items())
         for row in report["rows"] if "same_output" in row), ""]
     lines += ["## 7B and 70B on one 80 GB GPU (bf16, the automatic choice's arithmetic)", "",
+              *([f"Recomputed with `{report['arithmetic_command']}` (arithmetic only; the rows above are as "
+                 "measured).", ""] if report.get("arithmetic_command") else []),
               "`pruneflow.layerwise.memory_need`: weights (+ for Taylor one gradient per projection weight and "
               "the float64 element scores of the layer being scored; + fp32 gradient and Fisher buffers for "
-              "Element^2), + hidden states entering and leaving a layer (tokens x hidden x 2 bytes x 2), x 1.25 "
-              "headroom. Layer by layer: the largest layer (with its gradient) + embeddings and head + hidden "
-              "states.", "",
+              "Element^2; + float64 Gram sums of the o_proj / down_proj inputs, 8 x (h^2 + f^2) bytes per layer, "
+              "where the pass gathers them), + hidden states entering and leaving a layer (tokens x hidden x "
+              "2 bytes x 2), x 1.25 headroom. Layer by layer: the largest layer (with its gradient and Gram sums) "
+              "+ embeddings and head + hidden states on the GPU; in host memory the layer being read, every "
+              "layer's input hidden states for Taylor, every layer's Gram sums and their float32 copies.", "",
               "| model | pass | tokens | whole model GB | layer by layer GB | largest layer GB | embeddings + head GB | "
-              "fits 80 GB whole / layer by layer |", "|---|---|---|---|---|---|---|---|"]
+              "host, layer by layer GB | fits 80 GB whole / layer by layer |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["large_models"]:
         lines.append(f"| {r['model']} ({r['params'] / 1e9:.1f}B) | {r['pass']} | {r['tokens']} | {r['whole_model']} | "
                      f"{r['layer_by_layer']} | {r['largest_layer']} | {r['outside_layers']} | "
+                     f"{r.get('host_layer_by_layer', '-')} | "
                      f"{'yes' if r['whole_model_fits_80gb'] else 'no'} / "
                      f"{'yes' if r['layer_by_layer_fits_80gb'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def rerender(args: argparse.Namespace) -> int:
+    """OUT.md again from OUT.json, with the large-model arithmetic recomputed (it depends on the code
+    only, not on the machine); the measured rows and their command stay as they were measured."""
+    from pruneflow.pipeline.atomic import write_json, write_text
+
+    report = json.loads(args.out.with_suffix(".json").read_text())
+    report["large_models"] = large_model_arithmetic(args.large_calibration_tokens, args.ppl_tokens)
+    report["arithmetic_command"] = " ".join(["python", "benchmarks/scaling.py", "--rerender", "--out",
+                                             shlex.quote(str(args.out))])
+    write_json(args.out.with_suffix(".json"), report)
+    write_text(args.out.with_suffix(".md"), _markdown(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibration tokens of one pass (7B/70B table; the default params: 512 x 128)")
     parser.add_argument("--workdir", type=Path, default=None, help="where models are built (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/scaling"))
+    parser.add_argument("--refit", action="store_true",
+                        help="prune with the parallel least-squares re-fit, gathering its Gram sums by forward passes")
+    parser.add_argument("--rerender", action="store_true",
+                        help="rewrite OUT.json's 7B/70B arithmetic with the current memory_need and OUT.md from it; "
+                             "the measured rows are kept as they are (no stage runs)")
     raw = argv if argv is not None else sys.argv[1:]
     if raw[:1] == ["--build"]:  # the model in its own process, so this one stays small
         folder, layers, samples, seq_len = raw[1:5]
@@ -294,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT" + json.dumps(run_stage(raw[1], raw[3:], int(raw[2]))))
         return 0
     args = parser.parse_args(raw)
+    if args.rerender:
+        return rerender(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device here")
     if args.model is not None and not (args.model / "config.json").is_file():
@@ -343,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.threads} threads" if gpu else
               f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)") + f", torch {torch.__version__}"
     report = {"command": command, "device": device, "gpu": gpu, "dtype": dtype_of(args), "samples": args.samples,
-              "seq_len": args.seq_len, "criterion": args.criterion, "rows": rows,
+              "seq_len": args.seq_len, "criterion": args.criterion, "refit": args.refit, "rows": rows,
               "model": named_model,
               "model_type": rows[0].get("model_type") if rows else None,
               "prune_layers": rows[0].get("prune_layers") if rows else None,

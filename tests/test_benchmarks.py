@@ -187,6 +187,9 @@ def test_scaling_benchmark_arithmetic_and_table():
     # (bf16 weights + hidden states in and out of a layer) x 1.25
     assert seven["whole_model"] == round((2 * 6_738_415_616 + 65536 * 4096 * 2 * 2) * 1.25 / 1e9, 2)
     assert seven["whole_model_fits_80gb"] and seven["layer_by_layer_fits_80gb"]
+    grams = by[("Llama-2-7B", "cache_activations with Gram matrices")]  # float64 x x^T and x, o_proj + down_proj
+    assert grams["gram_sums"] == round(8 * (4096**2 + 4096 + 11008**2 + 11008) * 32 / 1e9, 2)
+    assert grams["layer_by_layer"] < seven["layer_by_layer"] + grams["gram_sums"] / 10 < grams["whole_model"]
     seventy = by[("Llama-3-70B", "score taylor (mean gradient)")]
     assert not seventy["whole_model_fits_80gb"] and seventy["layer_by_layer_fits_80gb"]
     assert seventy["layer_by_layer"] < seventy["whole_model"] / 10

@@ -3,6 +3,7 @@ resources derived from the model's config.json (pruneflow.pipeline.resources).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -58,6 +59,49 @@ def test_slurm_profile_plans_every_job_with_gpus_memory_and_time():
     assert jobs["recover"]["slurm_extra"].startswith("--signal=TERM@")
 
 
+def test_slurm_profile_leaves_a_requeued_job_to_slurm():
+    """With the plugin's own requeue setting a job that SLURM requeues after a node failure stays tracked
+    as running (snakemake_executor_plugin_slurm: NODE_FAIL with `requeue` set), rather than being
+    reported failed and submitted a second time beside the requeued one."""
+    from snakemake_executor_plugin_slurm import ExecutorSettings
+
+    profile = yaml.safe_load((Path(SLURM) / "config.yaml").read_text())
+    assert profile["slurm-requeue"] is True
+    assert "requeue" in {spec.name for spec in dataclasses.fields(ExecutorSettings)}
+    sbatch = _sbatch({"runtime": "30", "mem_mb": "8000", "cpus_per_task": "2"})  # a CPU job, no slurm_extra
+    assert sbatch.count(" --requeue") == 1, sbatch
+    recover = _sbatch({"runtime": "56", "mem_mb": "28000", "cpus_per_task": "8", "gpu": "1",
+                       "slurm_extra": "--signal=TERM@300"})
+    assert recover.count(" --requeue") == 1 and "--signal=TERM@300" in recover, recover
+
+
+@pytest.mark.parametrize("rule", ["calibrate", "score", "recover"])
+def test_the_stage_replaces_the_shell_of_its_job(tmp_path, rule):
+    """SLURM sends SIGTERM to every process of a job: the stage must be the process Snakemake's job
+    process started (the shell line execs it, the GPU slot allocator execs it in turn), not the child
+    of a shell that dies at once and ends the job before recovery writes its checkpoint. The rendered
+    line runs as Snakemake runs it (bash, `set -euo pipefail`), with a stand-in for the stage."""
+    from pruneflow.config import load_params
+    from pruneflow.pipeline.snakemake_support import SnakemakePipeline
+
+    line = SnakemakePipeline(load_params(PROJECT_ROOT / "params.yaml"), PROJECT_ROOT).shell(rule)
+    log = tmp_path / "job.log"
+    line = re.sub(r"\{(\w+)(?:\.(\w+))?\}", lambda m: str(log) if m.group(1) == "log" else (
+        "python" if m.group(2) == "launcher" else "x"), line)
+    bin_dir = tmp_path / "bin"  # `python`: the real one for the slot allocator, else the stage stand-in
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!/bin/sh\nif [ \"$2\" = pruneflow.pipeline.gpu_slots ]; then exec "
+                                    f"{sys.executable} \"$@\"; fi\necho \"stage $$\"\necho console >&3\n")
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PRUNEFLOW_GPU_SLOTS": "off"}
+    job = subprocess.Popen("set -euo pipefail; " + line, shell=True, executable="/bin/bash", env=env,
+                           stderr=subprocess.PIPE, text=True)
+    _, console = job.communicate(timeout=60)
+    assert job.returncode == 0, console
+    assert log.read_text().split() == ["stage", str(job.pid)], line  # no shell between the job and the stage
+    assert console.strip().splitlines()[-1] == "console"  # descriptor 3 still reaches the console
+
+
 @pytest.fixture()
 def storage(tmp_path):
     """What every pod would mount: the sources and the raw data under the storage prefix."""
@@ -95,7 +139,9 @@ def _project(root: Path, config: dict, **sections) -> Path:
 
 
 def _sbatch(job: dict) -> str:
-    """The sbatch line snakemake-executor-plugin-slurm builds for a job with these resources."""
+    """The sbatch line snakemake-executor-plugin-slurm builds for a job with these resources, under the
+    SLURM profile's executor settings."""
+    from snakemake_executor_plugin_slurm import ExecutorSettings
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
     from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
@@ -109,7 +155,9 @@ def _sbatch(job: dict) -> str:
     validate_slurm_extra(fake)
     params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "",
               "workdir": ""}
-    return get_submit_command(fake, params) + set_gres_string(fake)
+    profile = yaml.safe_load((Path(SLURM) / "config.yaml").read_text())
+    settings = ExecutorSettings(requeue=profile["slurm-requeue"])
+    return get_submit_command(fake, params, settings=settings) + set_gres_string(fake)
 
 
 def test_slurm_plans_a_7b_grid_from_its_config(tmp_path):
@@ -122,7 +170,7 @@ def test_slurm_plans_a_7b_grid_from_its_config(tmp_path):
     assert "python -m pruneflow.stages.recover" in recover["shell"] and "torchrun" not in recover["shell"]
     sbatch = _sbatch(recover)
     for flag in ("--gpus=1", "--mem 28000", f"-t {recover['runtime']}", "--cpus-per-task=8",
-                 "--signal=TERM@300 --requeue"):
+                 "--signal=TERM@300", " --requeue"):
         assert flag in sbatch, (flag, sbatch)
     assert int(recover["runtime"]) > 15  # 2 epochs of the WikiText-2 training text at 120 TFLOP/s
     assert (jobs["evaluate_dense"]["gpu"], jobs["evaluate_dense"]["gpu_mem_mb"]) == ("1", "32000")
@@ -145,7 +193,7 @@ def test_7b_full_distillation_is_refused_on_80gb_and_data_parallel_on_141gb(tmp_
         "2", "112000", "76000", "16")
     assert "env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun --standalone --nproc_per_node 2 " \
            "-m pruneflow.stages.recover" in recover["shell"]
-    assert "--gpus=2" in _sbatch(recover) and "--signal=TERM@300 --requeue" in _sbatch(recover)
+    assert "--gpus=2" in _sbatch(recover) and "--signal=TERM@300" in _sbatch(recover)
 
 
 def test_slurm_plans_a_70b_grid_from_its_config(tmp_path):

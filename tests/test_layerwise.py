@@ -134,6 +134,17 @@ def test_gram_matrices_stop_at_the_last_target(folders, tokenizer):
     assert loaded == [0, 1]  # layers above the last target are never read
     assert all(torch.equal(got[t].gram, expected[t].gram) for t in targets)
 
+    # consumed as each layer finishes (the parallel re-fit): one layer's sums wait, in the targets' order
+    from pruneflow.gram import gram_matrices
+
+    loaded.clear()
+    consumed = []
+    result = gram_matrices(skeleton, targets, activations=None, calibration_ids=ids, batch_size=3,
+                           layer_weights=from_disk,
+                           consume=lambda target, acc: consumed.append((target, len(loaded), acc.gram.device.type)))
+    assert result == {} and loaded == [0, 1]
+    assert consumed == [((0, "down_proj"), 1, "cpu"), ((1, "o_proj"), 2, "cpu")]
+
 
 @pytest.mark.parametrize("criterion", ["taylor_vector", "taylor_element1", "taylor_element2"])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
@@ -197,6 +208,15 @@ def test_the_automatic_choice_and_refusals_follow_the_memory_arithmetic(folders,
     model, weights = layerwise.open_model(folders["llama"], execution="layer_by_layer", dtype=torch.float32,
                                           device=cpu)
     assert isinstance(weights, CheckpointWeights) and next(model.model.layers.parameters()).is_meta
+    # on a CPU the resident model and what runs on the "device" are one memory
+    loaded = model_skeleton(folders["llama"], dtype=torch.float32, buffers=True)  # what open_model measures
+    resident = layerwise.memory_need(loaded, torch.float32, tokens=0, resident=True)
+    assert resident.host_layer_by_layer == layerwise.weight_bytes(loaded, torch.float32)
+    monkeypatch.setattr(layerwise, "free_memory_bytes", lambda _device: resident.layer_by_layer_one_memory - 1)
+    with pytest.raises(ConfigError, match="even one layer at a time does not fit.*what waits in host memory"):
+        layerwise.open_model(folders["llama"], execution="layer_by_layer", dtype=torch.float32, device=cpu,
+                             resident=True)
+    monkeypatch.setattr(layerwise, "free_memory_bytes", lambda _device: resident.layer_by_layer_one_memory)
     model, weights = layerwise.open_model(folders["llama"], execution="layer_by_layer", dtype=torch.float32,
                                           device=cpu, resident=True)
     assert isinstance(weights, ResidentWeights) and not next(model.parameters()).is_meta
@@ -204,6 +224,91 @@ def test_the_automatic_choice_and_refusals_follow_the_memory_arithmetic(folders,
     model, weights = layerwise.open_model(folders["llama"], execution="whole_model", dtype=torch.float32,
                                           device=cpu)
     assert weights is None and not next(model.parameters()).is_meta
+
+
+def test_gram_sums_and_host_memory_are_counted_and_refused_by_name(folders, monkeypatch):
+    """Gram sums: every layer's on the device whole, one layer's layer by layer (the rest in host memory);
+    with a GPU, what layer by layer keeps in host memory (stored hidden states, sums) is checked against
+    the host's available memory."""
+    from pruneflow.checkpoint import model_skeleton
+
+    skeleton = model_skeleton(folders["llama"])
+    config = skeleton.config
+    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    o_width = config.num_attention_heads * config.head_dim
+    plain = layerwise.memory_need(skeleton, torch.bfloat16, tokens=100)
+    grams = layerwise.memory_need(skeleton, torch.bfloat16, tokens=100, grams="saved")
+    per_layer = 8 * (o_width ** 2 + o_width + ffn ** 2 + ffn)
+    assert grams.gram_sums == layers * per_layer
+    product = 12 * max(o_width, ffn) ** 2  # one batch's float32 x^T x and its float64 copy
+    states = 100 * hidden * 2 * 2
+    assert grams.whole_model == int((layerwise.weight_bytes(skeleton, torch.bfloat16) + layers * per_layer + product
+                                     + states) * layerwise.HEADROOM)
+    assert grams.largest_layer == plain.largest_layer + per_layer + product
+    assert grams.host_layer_by_layer == plain.host_layer_by_layer + layers * (per_layer + per_layer // 2)
+    consumed = layerwise.memory_need(skeleton, torch.bfloat16, tokens=100, grams="consumed")  # one layer waits
+    assert consumed.host_layer_by_layer == plain.host_layer_by_layer + 2 * per_layer
+    assert (consumed.whole_model, consumed.layer_by_layer) == (grams.whole_model, grams.layer_by_layer)
+    taylor = layerwise.memory_need(skeleton, torch.bfloat16, tokens=100, gradients="mean")
+    assert taylor.host_layer_by_layer == plain.host_layer_by_layer + layers * 100 * hidden * 2
+
+    gpu = torch.device("cuda")  # only compared, never used: the free memory is patched
+    room = {"cuda": taylor.layer_by_layer, "cpu": taylor.host_layer_by_layer - 1}
+    monkeypatch.setattr(layerwise, "free_memory_bytes", lambda device: room[device.type])
+    with pytest.raises(ConfigError, match=r"keeps about .* in host memory .*input hidden states.*allowed: a machine "
+                                          r"with more memory, fewer calibration tokens \(calibration.num_samples\)"):
+        layerwise.choose_execution("auto", skeleton, torch.bfloat16, gpu, tokens=100, gradients="mean",
+                                   remedies=["fewer calibration tokens (calibration.num_samples)"])
+    room["cpu"] += 1
+    assert layerwise.choose_execution("auto", skeleton, torch.bfloat16, gpu, tokens=100,
+                                      gradients="mean") == "layer_by_layer"
+    room["cuda"] = taylor.layer_by_layer - 1
+    with pytest.raises(ConfigError, match=r"even one layer.*allowed: a device with more free memory, "
+                                          r"runtime.dtype='bfloat16'"):
+        layerwise.choose_execution("auto", skeleton, torch.bfloat16, gpu, tokens=100, gradients="mean",
+                                   remedies=layerwise.dtype_remedy(torch.float32))
+    assert layerwise.dtype_remedy(torch.bfloat16) == []
+    # a model already on the device: its weights count as free (the Python API's model on its device)
+    room["cuda"] = plain.whole_model - layerwise.weight_bytes(skeleton, torch.bfloat16)
+    with pytest.raises(ConfigError, match="'whole_model' does not fit"):
+        layerwise.choose_execution("whole_model", skeleton, torch.bfloat16, gpu, tokens=100)
+    assert layerwise.choose_execution("auto", skeleton, torch.bfloat16, gpu, tokens=100,
+                                      on_device=layerwise.weight_bytes(skeleton, torch.bfloat16)) == "whole_model"
+
+
+def test_a_finished_layer_leaves_the_device_before_the_next_runs(folders, tokenizer, monkeypatch):
+    """Layer by layer, each batch's output replaces its input (one copy of the hidden states), and a
+    layer's Gram sums move to host memory as soon as it has run, before the next layer is read."""
+    import gc
+    import weakref
+
+    from pruneflow.gram import GramAccumulator
+
+    events = []
+    skeleton, from_disk = open_layer_by_layer(folders["llama"], dtype=torch.float32, device="cpu")
+    loads = from_disk.load
+    monkeypatch.setattr(from_disk, "load", lambda index, *a: (events.append(("load", index)), loads(index, *a)))
+    moves = GramAccumulator.to
+    monkeypatch.setattr(GramAccumulator, "to", lambda self, device: (events.append(("to", str(device))),
+                                                                     moves(self, device))[1])
+    collect_activation_stats(skeleton, _ids(tokenizer), batch_size=2, max_tokens=8, seed=0,
+                             gram_matrices=True, layer_weights=from_disk)
+    layers = skeleton.config.num_hidden_layers
+    expected = []
+    for index in range(layers):
+        expected += [("load", index), ("to", "cpu"), ("to", "cpu")]  # o_proj and down_proj sums
+    assert events == expected
+
+    outside = layerwise.capture_inputs(skeleton, _ids(tokenizer), batch_size=2, device="cpu")
+    embeddings = [weakref.ref(h) for h in outside.hidden]
+    alive = []
+
+    def after_layer(index):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in embeddings))
+
+    final = layerwise.run_layers(skeleton, outside, from_disk, "cpu", after_layer=after_layer)
+    assert final is outside.hidden and alive == [0] * layers
 
 
 def test_a_checkpoint_missing_a_layer_tensor_is_named(folders, tmp_path):
@@ -293,6 +398,29 @@ def test_the_python_api_prunes_layer_by_layer_to_the_same_model(folders, tokeniz
         summary.pop("surgery_seconds", None)
     assert summary_a == summary_b and summary_a["reconstruction_errors"]
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_the_python_api_counts_a_model_on_its_device_as_fitting(folders, tokenizer, monkeypatch):
+    """A model already on the target device needs no room for its weights: with free memory short of
+    the whole need by exactly the weights, auto and whole_model run there instead of being refused."""
+    import pruneflow
+
+    texts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(12)]
+    overrides = {"runtime": {"device": "cpu"}, "calibration": {"num_samples": 4, "seq_len": 16},
+                 "prune": {"layer_start": 1, "layer_end": 3, "reconstruction": "none"}}
+    model = load_pruned(folders["llama"])
+    need = layerwise.memory_need(model, torch.float32, tokens=4 * 16)
+    weights = layerwise.weight_bytes(model, torch.float32)
+    monkeypatch.setattr(layerwise, "free_memory_bytes", lambda _device: need.whole_model - weights)
+    for execution in ("auto", "whole_model"):
+        model = load_pruned(folders["llama"])
+        overrides["runtime"]["execution"] = execution
+        result = pruneflow.prune(model, tokenizer, texts, criterion="l2_magnitude", ratio=0.25, params=overrides)
+        assert result.summary["params_after"] < result.summary["params_before"]
+    monkeypatch.setattr(layerwise, "free_memory_bytes", lambda _device: need.whole_model - weights - 1)
+    with pytest.raises(ConfigError, match="'whole_model' does not fit"):
+        pruneflow.prune(load_pruned(folders["llama"]), tokenizer, texts, criterion="l2_magnitude", ratio=0.25,
+                        params=overrides)
 
 
 def test_layers_read_under_inference_mode_can_take_gradients_later(folders, tokenizer, one_thread):

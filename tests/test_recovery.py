@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -664,3 +666,58 @@ def test_interrupted_training_resumes_exactly_from_its_state_folder(tok, data_fi
     assert "was written by other settings or inputs" in caplog.text and "starting fresh" in caplog.text
     assert fresh.resumed_from_step == 0
     assert fresh.history == _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, other).history
+
+
+def test_a_damaged_checkpoint_is_skipped_with_a_warning(tok, data_file, tmp_path, caplog):
+    """A complete checkpoint one of whose files is cut short or empty (a node failure) is not resumed: the
+    rerun names it and the error in a warning, removes it and resumes from an earlier complete checkpoint
+    (one left by a run killed before it removed it) or, with none, from step 0, to the uninterrupted result.
+    Its record lists the size of every file, fsynced before the record was written."""
+    params = _params(data_file, method="full", max_steps=9, eval_every_steps=3, save_every_steps=2)
+    reference = _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, params)
+    state = tmp_path / "out.state"
+
+    def stop_after(step: int) -> Callable[[dict], None]:
+        def stop(entry: dict) -> None:
+            if entry.get("step") == step and "loss" in entry:
+                raise KeyboardInterrupt
+        return stop
+
+    def rerun() -> recovery.RecoveryResult:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pruneflow.recovery"):
+            return _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, params, state_dir=state)
+
+    def assert_as_reference(result: recovery.RecoveryResult) -> None:
+        assert result.history == reference.history
+        assert (result.best_step, result.best_val_loss) == (reference.best_step, reference.best_val_loss)
+        for (name, value), (_, expected) in zip(result.model.state_dict().items(),
+                                                reference.model.state_dict().items(), strict=True):
+            torch.testing.assert_close(value, expected, atol=0, rtol=0, msg=name)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, params, state_dir=state, on_log=stop_after(5))
+    listed = json.loads((state / "checkpoint-4" / recovery.RECORD_FILE).read_text())["files"]
+    assert {"optimizer.pt", "model.safetensors", "rng_state.pth", recovery.BEST_WEIGHTS_FILE} <= listed.keys()
+    assert all(size == (state / "checkpoint-4" / name).stat().st_size for name, size in listed.items())
+    kept = tmp_path / "checkpoint-4"
+    shutil.copytree(state / "checkpoint-4", kept)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model("llama", vocab_size=len(tok)), tok, data_file, params, state_dir=state, on_log=stop_after(7))
+    shutil.copytree(kept, state / "checkpoint-4")  # as if killed after completing checkpoint-6, before removing 4
+    optimizer = state / "checkpoint-6/optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+
+    resumed = rerun()
+    assert resumed.resumed_from_step == 4
+    assert (f"checkpoint {state / 'checkpoint-6'} cannot be resumed (optimizer.pt has 100 bytes, "
+            f"{listed['optimizer.pt']} were saved): resuming from checkpoint-4 instead") in caplog.text
+    assert_as_reference(resumed)
+    assert sorted(p.name for p in state.iterdir()) == ["checkpoint-8", "fingerprint.txt"]
+
+    (state / "checkpoint-8/model.safetensors").write_bytes(b"")  # the only checkpoint: back to step 0
+    fresh = rerun()
+    assert fresh.resumed_from_step == 0
+    assert (f"checkpoint {state / 'checkpoint-8'} cannot be resumed (model.safetensors has 0 bytes, "
+            f"{listed['model.safetensors']} were saved): training from step 0") in caplog.text
+    assert_as_reference(fresh)

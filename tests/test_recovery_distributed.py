@@ -1,6 +1,7 @@
 """The recover stage interrupted and on several processes: a run stopped by SIGTERM (a cluster's notice
-before preemption) or killed by SIGKILL resumes from its state folder to exactly the uninterrupted
-result, and two processes (torchrun, gloo on the CPU) train exactly as one.
+before preemption; under torchrun sent to every process, as SLURM does) or killed by SIGKILL resumes
+from its state folder to exactly the uninterrupted result, and two processes (torchrun, gloo on the CPU)
+train exactly as one without dropout (with it each process draws its own masks).
 
 Stage processes are held at a checkpoint by a `sitecustomize` hook (as in tests/kill_hook.py), so
 the signals arrive at a known step; production code has no test switch.
@@ -284,10 +285,11 @@ def test_fsdp_on_cpu_processes_is_refused(staged_project, tmp_path):
 
 def test_sharded_lora_distillation_resumes_after_sigterm_and_sigkill(lora_project, tmp_path):
     """LoRA distillation sharded over 2 processes (adapters and frozen base in FSDP2 units, the teacher
-    sharded too). SIGTERM to torchrun, as a cluster stops a job: torchrun passes it to both workers,
-    which finish the step, save a checkpoint (every process its shard of the weights and optimizer
-    state) and stop. The rerun resumes; SIGKILLed after a later checkpoint it resumes again, and ends
-    where one process ends. Dropout off: two processes draw other dropout masks than one."""
+    sharded too). SIGTERM to torchrun and to both workers, as SLURM's `--signal=TERM@S` signals every
+    process of the job step: each worker gets it twice (directly, then from torchrun), finishes the
+    step, saves a checkpoint (every process its shard of the weights and optimizer state) and stops.
+    The rerun resumes from it; SIGKILLed after a later checkpoint it resumes again, and ends where one
+    process ends. Dropout off: two processes draw other dropout masks than one."""
     root = tmp_path / "project"
     shutil.copytree(lora_project, root)
     set_param(root, "laptop.recover.lora_dropout", 0.0)
@@ -299,8 +301,15 @@ def test_sharded_lora_distillation_resumes_after_sigterm_and_sigkill(lora_projec
     process = _torchrun(root, "data/recovered/fsdp", _fsdp_env(root, hook, "after:checkpoint-2"), log)
     try:
         _wait_until_held(process, hook, log)
+        workers = psutil.Process(process.pid).children(recursive=True)
+        assert len(workers) == 2, workers
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        # the held worker handles it at once; torchrun's copy then comes as a second SIGTERM (signals that
+        # arrive together count once: the gap makes the repeat certain)
+        time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
-        time.sleep(1)  # torchrun hands it to the workers; the held one acts on it at the end of its step
+        time.sleep(1)  # torchrun passes it on; each worker acts on it at the end of its step
         (hook / "release").touch()
         assert process.wait(timeout=240) != 0
     finally:
@@ -315,6 +324,8 @@ def test_sharded_lora_distillation_resumes_after_sigterm_and_sigkill(lora_projec
         _wait_until_held(process, hook, log)
     finally:
         _kill_tree(process)  # torchrun and both workers, mid-run
+    assert "resuming from data/recovered/.fsdp.state/checkpoint-3 (step 3 of 12)" in log.read_text(), \
+        log.read_text()[-3000:]
     assert not out.exists()
     assert (state / "checkpoint-6/pruneflow_record.json").is_file()
 

@@ -5,6 +5,7 @@ and the refusals of settings that cannot fit."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -95,6 +96,47 @@ def test_a_config_without_widths_is_refused():
         ModelShape.from_config({"vocab_size": 10, "num_hidden_layers": 2, "num_attention_heads": 2})
 
 
+@pytest.mark.parametrize(("key", "value", "shown"), [
+    ("hidden_size", -4096, "-4096"),  # would plan negative memory
+    ("num_attention_heads", 0, "0"),  # would divide by zero
+    ("hidden_size", "4096", '"4096"'),  # a quoted number is not a width (and not missing either)
+    ("num_hidden_layers", True, "true"),
+    ("intermediate_size", 11008.0, "11008.0"),
+    ("vocab_size", 0, "0"),
+    ("num_key_value_heads", -8, "-8"),
+    ("head_dim", 0, "0"),
+])
+def test_a_width_that_is_not_a_positive_integer_is_refused(key, value, shown):
+    with pytest.raises(ConfigError) as refused:
+        ModelShape.from_config({**LLAMA2_7B, key: value}, "models/x/config.json")
+    message = str(refused.value)
+    assert message.startswith(f"models/x/config.json: {key}={shown} is not allowed; allowed: positive integers"), \
+        message
+    assert "lacks" not in message
+
+
+def test_bad_widths_are_refused_all_at_once_naming_the_model_source():
+    bad = {**LLAMA2_7B, "hidden_size": -4096, "num_attention_heads": 0}
+    with pytest.raises(ConfigError, match=r"^the config\.json of model\.source='org/m': hidden_size=-4096, "
+                                          r"num_attention_heads=0 are not allowed"):
+        ModelShape.from_config(bad, "model.source='org/m'")
+    assert ModelShape.from_config({**LLAMA2_7B, "num_key_value_heads": None, "head_dim": None}).head_dim == 128
+    with pytest.raises(ConfigError, match="num_attention_heads=32 with hidden_size=16 and no head_dim is not allowed"):
+        ModelShape.from_config({**LLAMA2_7B, "hidden_size": 16})
+    assert ModelShape.from_config({**LLAMA2_7B, "hidden_size": 16, "head_dim": 4}).head_dim == 4
+
+
+def test_the_resources_cli_refuses_a_bad_width(tmp_path, capsys):
+    from pruneflow.pipeline.resources import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**LLAMA2_7B, "num_attention_heads": 0}))
+    with pytest.raises(SystemExit) as exited:
+        main(["--params", str(PROJECT_ROOT / "params.yaml"), "--config-json", str(config)])
+    assert exited.value.code == 2
+    assert f"error: {config}: num_attention_heads=0 is not allowed" in capsys.readouterr().err
+
+
 def _activations(config, micro_batch: int, cutoff: int) -> int:
     """Per micro-batch: 2 bytes x L x (10h + 4f) per token kept for the backward, 20 V of logits."""
     per_token = 2 * config["num_hidden_layers"] * (10 * config["hidden_size"] + 4 * config["intermediate_size"])
@@ -183,7 +225,7 @@ def test_a_long_recovery_asks_for_gpus_that_divide_the_batch(params, batch_size,
     if gpus > 1:
         assert launcher(job.gpu, job.checkpoint_seconds) == (
             f"env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 torchrun --standalone --nproc_per_node {gpus}")
-        assert slurm_extra(job) == "--signal=TERM@300 --requeue"
+        assert slurm_extra(job) == "--signal=TERM@300"  # --requeue: the profile's slurm-requeue
 
 
 def test_70b_recovery_does_not_fit_80gb_gpus_data_parallel(params):
@@ -339,3 +381,15 @@ def test_gradient_scoring_of_a_70b_model_goes_layer_by_layer(params):
     assert derivation.rule("score", "taylor_element1").mem_mb * MIB >= 2 * 81 * tokens * 8192
     seven = Derivation(ModelShape.from_config(LLAMA2_7B), params, WORK)
     assert seven.rule("score", "taylor_element1").execution == "whole_model"
+
+
+def test_layer_by_layer_gradients_hold_the_hidden_states_of_every_calibration_token(params):
+    """layerwise_scores keeps every micro-batch's hidden states on the GPU, two copies (a layer's inputs and
+    outputs, then the gradients from above and to below): 4 x the calibration tokens more ask for 2 x 2 bytes
+    x 3 x 65,536 more tokens x 8192 = 6,144 MiB more (to the 1000 MiB the plan rounds to)."""
+    more = dataclasses.replace(WORK, calibration_tokens=4 * WORK.calibration_tokens)
+    before = Derivation(ModelShape.from_config(LLAMA3_70B), params, WORK).rule("score", "taylor_element1")
+    after = Derivation(ModelShape.from_config(LLAMA3_70B), params, more).rule("score", "taylor_element1")
+    assert before.execution == after.execution == "layer_by_layer"
+    added = 2 * 2 * 3 * WORK.calibration_tokens * 8192 / MIB
+    assert added == 6144 and abs(after.gpu_mem_mb - before.gpu_mem_mb - added) <= 1000

@@ -155,7 +155,8 @@ def test_same_inputs_outputs_and_data_per_job(snakemake_jobs, dvc_stages, params
 def test_same_commands_for_the_default_grid(snakemake_jobs, dvc_stages):
     slot = "python -m pruneflow.pipeline.gpu_slots -- "  # Snakemake runs GPU jobs in parallel; DVC runs one at a time
     lines = [job["shell"] for job in snakemake_jobs]
-    progress = "PRUNEFLOW_PROGRESS_FD=3 "  # the jobs' progress bars go to the console (pruneflow.progress)
+    # the jobs' progress bars go to the console (pruneflow.progress); the stage replaces the job's shell
+    progress = "PRUNEFLOW_PROGRESS_FD=3 exec "
     snake_cmds = sorted(LOG_REDIRECT.sub("", line.removeprefix(progress).removeprefix(slot)) for line in lines)
     dvc_cmds = sorted(stage.cmd for stages in dvc_stages.values() for stage in stages)
     assert snake_cmds == dvc_cmds

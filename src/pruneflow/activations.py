@@ -48,7 +48,8 @@ def collect_activation_stats(
     """Run the calibration ids through the model once and return the named statistics.
 
     With `layer_weights` the pass runs one decoder layer at a time (`pruneflow.layerwise`); every
-    statistic is accumulated in the same order, so both paths give the same tensors.
+    statistic is accumulated in the same order, so both paths give the same tensors, and a layer's
+    sums move to host memory once it has run, so the device holds one layer's Gram sums, not all.
     """
     num_samples, seq_len = input_ids.shape
     total_tokens = num_samples * seq_len
@@ -90,8 +91,16 @@ def collect_activation_stats(
             def before_batch(batch: int) -> None:
                 current_batch[0] = batch
 
+            def to_host(index: int) -> None:  # a finished layer's sums leave the device: one layer's stay there
+                prefix = f"layers.{index}."
+                for table in (sums, squares):
+                    for key in [k for k in table if k.startswith(prefix)]:
+                        table[key] = table[key].cpu()
+                for key in [k for k in grams if k.startswith(prefix)]:
+                    grams[key].to("cpu")
+
             layerwise.forward(model, input_ids, batch_size=batch_size, device=device, weights=layer_weights,
-                              before_batch=before_batch)
+                              before_batch=before_batch, after_layer=to_host)
         else:
             # progress as log lines: with a tqdm bar around this loop, the peak memory of this function on
             # SmolLM2-135M (fp32, CPU, 48 calibration sequences x 128 tokens, batch 4, Gram matrices on) went

@@ -8,7 +8,7 @@ solvers so the activation cache depends on nothing but this and the model code.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,12 @@ class GramAccumulator:
             self.total.add_(total)
         self.count += rows.shape[0]
 
+    def to(self, device: torch.device | str) -> GramAccumulator:
+        """Move the sums (e.g. to host memory once their layer has run); exact, returns self."""
+        if self.gram is not None:
+            self.gram, self.total = self.gram.to(device), self.total.to(device)
+        return self
+
 
 class StopForward(Exception):
     """Raised by a hook once the last wanted input was seen: the rest of the forward pass is skipped."""
@@ -77,27 +83,54 @@ def cached_gram(activations: Mapping[str, torch.Tensor] | None, layer_index: int
 
 def gram_matrices(model: nn.Module, targets: Sequence[tuple[int, str]], *,
                   activations: Mapping[str, torch.Tensor] | None, calibration_ids: torch.Tensor | None,
-                  batch_size: int, device: torch.device | str = "cpu",
-                  layer_weights=None) -> dict[tuple[int, str], GramAccumulator]:
+                  batch_size: int, device: torch.device | str = "cpu", layer_weights=None,
+                  consume: Callable[[tuple[int, str], GramAccumulator], None] | None = None,
+                  ) -> dict[tuple[int, str], GramAccumulator]:
     """Gram matrices of the dense inputs: from the activation cache where it holds them, else by a
-    forward pass over the calibration ids (one layer at a time with `layer_weights`)."""
+    forward pass over the calibration ids (one layer at a time with `layer_weights`).
+
+    With `consume`, each target goes to `consume(target, gram)` in the order of `targets` and nothing
+    is returned; layer by layer a layer's targets go as soon as that layer has run, so the sums of one
+    layer wait in memory rather than every layer's (a 70B model's are 7 GB per layer, 570 GB in all).
+    The layer has finished every batch by then: changing its weights in `consume` leaves the hidden
+    states already passed on, and so every later Gram matrix, as they were."""
     found = {t: cached_gram(activations, *t) for t in targets}
     missing = [t for t, acc in found.items() if acc is None]
+    if missing and calibration_ids is None:
+        raise ValueError(f"no cached Gram matrix for {missing[0]} and no calibration ids to compute one")
+    if consume is None:
+        if missing:
+            found.update(collect_grams(model, calibration_ids, missing, batch_size=batch_size, device=device,
+                                       layer_weights=layer_weights))
+        return found
+    pending = list(targets)
+
+    def release(through_layer: float) -> None:
+        while pending and pending[0][0] <= through_layer and found[pending[0]] is not None:
+            target = pending.pop(0)
+            consume(target, found.pop(target))
+
     if missing:
-        if calibration_ids is None:
-            raise ValueError(f"no cached Gram matrix for {missing[0]} and no calibration ids to compute one")
+        def layer_done(index: int, grams: dict[tuple[int, str], GramAccumulator]) -> None:
+            found.update(grams)
+            release(index)
+
         found.update(collect_grams(model, calibration_ids, missing, batch_size=batch_size, device=device,
-                                   layer_weights=layer_weights))
-    return found
+                                   layer_weights=layer_weights, on_layer=layer_done))
+    release(float("inf"))
+    return {}
 
 
 @torch.no_grad()
 def collect_grams(model: nn.Module, input_ids: torch.Tensor, targets: Sequence[tuple[int, str]], *,
-                  batch_size: int, device: torch.device | str = "cpu",
-                  layer_weights=None) -> dict[tuple[int, str], GramAccumulator]:
+                  batch_size: int, device: torch.device | str = "cpu", layer_weights=None,
+                  on_layer: Callable[[int, dict[tuple[int, str], GramAccumulator]], None] | None = None,
+                  ) -> dict[tuple[int, str], GramAccumulator]:
     """Gram matrices of the inputs of the named projections ((layer, "o_proj" | "down_proj")) over the
     calibration ids; the forward pass stops after the last one (later layers are never run). With
-    `layer_weights` (`pruneflow.layerwise`) the pass runs one layer at a time, up to the last target."""
+    `layer_weights` (`pruneflow.layerwise`) the pass runs one layer at a time, up to the last target,
+    and each layer's sums go to host memory once it has run; with `on_layer` too they go to
+    `on_layer(index, sums)` then instead of being returned."""
     blocks = decoder_layers(model)
     wanted = sorted(set(targets), key=lambda t: (t[0], PROJECTIONS.index(t[1])))
     accumulators = {t: GramAccumulator() for t in wanted}
@@ -120,8 +153,15 @@ def collect_grams(model: nn.Module, input_ids: torch.Tensor, targets: Sequence[t
         else:
             from pruneflow import layerwise
 
+            def to_host(index: int) -> None:  # a finished layer's sums leave the device
+                done = {t: accumulators[t].to("cpu") for t in wanted if t[0] == index}
+                if on_layer is not None and done:
+                    for target in done:
+                        del accumulators[target]
+                    on_layer(index, done)
+
             layerwise.forward(model, input_ids, batch_size=batch_size, device=device, weights=layer_weights,
-                              layers=range(last[0] + 1))
+                              layers=range(last[0] + 1), after_layer=to_host)
     finally:
         for handle in handles:
             handle.remove()

@@ -24,6 +24,7 @@ replaced by a pass-through, so each family's mask and rotary code is used as it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -316,33 +317,37 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int
     return LayerInputs(hidden=hidden, arguments=arguments)
 
 
-def run_layer(layer: nn.Module, hidden: Sequence[torch.Tensor], arguments: Sequence[dict],
-              before_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """One decoder layer on every batch's hidden states (the layer's own keyword arguments per batch)."""
-    outputs = []
-    for batch, (states, kwargs) in enumerate(zip(hidden, arguments, strict=True)):
-        if before_batch is not None:
-            before_batch(batch)
-        out = layer(states, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
-
-
 @torch.no_grad()
 def run_layers(model: nn.Module, inputs: LayerInputs, weights: LayerWeights, device: torch.device | str, *,
                layers: Sequence[int] | None = None,
-               before_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """Run `layers` (all by default, in order) one at a time, each on every batch; the last one's outputs."""
+               before_batch: Callable[[int], None] | None = None,
+               after_layer: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """Run `layers` (all by default, in order) one at a time, each on every batch; the last one's outputs.
+
+    Each batch's output replaces its input in `inputs.hidden` (the list returned), so one copy of the
+    hidden states is alive plus one batch's output: a caller that needs a layer's inputs afterwards
+    keeps its own list of them. `after_layer(index)` runs once a layer has seen every batch (what a
+    hook gathered on that layer is complete, and can leave the device)."""
     blocks = decoder_layers(model)
     device = torch.device(device)
     hidden = inputs.hidden
     for index in range(len(blocks)) if layers is None else layers:
         layer = blocks[index]
+        arguments = inputs.arguments[index]
+        if len(arguments) != len(hidden):
+            raise ValueError(f"layer {index} has arguments for {len(arguments)} batches, the hidden states "
+                             f"{len(hidden)}")
         weights.load(index, layer, device)
         try:
-            hidden = run_layer(layer, hidden, inputs.arguments[index], before_batch)
+            for batch, kwargs in enumerate(arguments):
+                if before_batch is not None:
+                    before_batch(batch)
+                out = layer(hidden[batch], **kwargs)
+                hidden[batch] = out[0] if isinstance(out, tuple) else out
         finally:
             weights.unload(index, layer)
+        if after_layer is not None:
+            after_layer(index)
         log.debug("layer %d of %d done", index + 1, len(blocks))
     return hidden
 
@@ -363,14 +368,16 @@ def outside_on(model: nn.Module, weights: LayerWeights, device: torch.device | s
 def forward(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int, device: torch.device | str,
             weights: LayerWeights, before_batch: Callable[[int], None] | None = None,
             logits: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-            layers: Sequence[int] | None = None) -> None:
+            layers: Sequence[int] | None = None, after_layer: Callable[[int], None] | None = None) -> None:
     """The whole model on `input_ids` in batches of `batch_size`, one layer at a time: hooks on the
     layers' modules fire as in a whole-model pass (each layer on every batch before the next layer);
-    `before_batch(b)` is called before a layer runs batch b, `logits(b, ids, logits)` gets each batch's
-    output logits (the head runs only when it is given; `layers`, a prefix of the layers, stops early)."""
+    `before_batch(b)` is called before a layer runs batch b and `after_layer(i)` once layer i has run
+    every batch; `logits(b, ids, logits)` gets each batch's output logits (the head runs only when it
+    is given; `layers`, a prefix of the layers, stops early)."""
     with outside_on(model, weights, device):
         inputs = capture_inputs(model, input_ids, batch_size=batch_size, device=device)
-        final = run_layers(model, inputs, weights, device, layers=layers, before_batch=before_batch)
+        final = run_layers(model, inputs, weights, device, layers=layers, before_batch=before_batch,
+                           after_layer=after_layer)
         del inputs
         if logits is not None:
             if layers is not None and list(layers) != list(range(len(decoder_layers(model)))):
@@ -430,6 +437,9 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 
 
 GRADIENTS = ("none", "mean", "fisher")
+# where a pass's Gram sums go: none gathered; saved (every layer's kept, then written: cache_activations);
+# consumed (each layer's solved as soon as it is complete: the prune stage's parallel re-fit)
+GRAMS = ("none", "saved", "consumed")
 
 
 def gradients_of(criterion) -> str:
@@ -442,13 +452,22 @@ def gradients_of(criterion) -> str:
 
 @dataclass(frozen=True)
 class MemoryNeed:
-    """Bytes a pass needs on its device, whole model at once or one decoder layer at a time.
+    """Bytes a pass needs, whole model at once or one decoder layer at a time.
 
-    weights: every parameter at the dtype; `gradients` mean: + one gradient per projection weight
-    (same dtype) and, for the layer being scored, its float64 element scores; fisher: + float32
-    running gradient and Fisher buffers; activations: the batches' hidden states entering and leaving
-    a layer (`tokens` x hidden x 2), which layer by layer keeps on the device between layers.
-    HEADROOM covers a layer's internal activations, the head's logits and allocator slack.
+    On the device: weights, every parameter at the dtype (`copies` of them: the layout search prunes
+    a copy of the model per candidate); `gradients` mean: + one gradient per projection weight (same
+    dtype) and, for the layer being scored, its float64 element scores; fisher: + float32 running
+    gradient and Fisher buffers; `grams` (GRAMS): the float64 sums x x^T and x of the o_proj /
+    down_proj inputs (whole model: every layer's; layer by layer: the running layer's) and one batch's
+    float32 product; the batches' hidden states entering and leaving a
+    layer (`tokens` x hidden x 2), which layer by layer stay on the device between layers. HEADROOM
+    covers a layer's internal activations, the head's logits and allocator slack.
+
+    In host memory layer by layer (`host_layer_by_layer`): the model where it stays there (`resident`,
+    `copies` times), else the one layer being read from disk; for gradient criteria every layer's
+    input hidden states (the backward pass re-runs each layer on them); Gram sums `saved`: every
+    layer's and the float32 copies written, `consumed`: one layer's and its solve's working copy. Where the device is the host (a CPU) the two are one memory
+    (`layer_by_layer_one_memory`), and a resident model's layers run where they are.
     """
 
     whole_model: int
@@ -456,67 +475,113 @@ class MemoryNeed:
     largest_layer: int
     outside_layers: int
     hidden_states: int
+    gram_sums: int = 0
+    host_layer_by_layer: int = 0
+    layer_by_layer_one_memory: int = 0  # both parts where the device is the host (a CPU)
 
     def to_dict(self) -> dict[str, int]:
-        return {"whole_model": self.whole_model, "layer_by_layer": self.layer_by_layer,
-                "largest_layer": self.largest_layer, "outside_layers": self.outside_layers,
-                "hidden_states": self.hidden_states}
+        return dataclasses.asdict(self)
 
 
-def memory_need(model: nn.Module, dtype: torch.dtype, *, tokens: int, gradients: str = "none") -> MemoryNeed:
+def memory_need(model: nn.Module, dtype: torch.dtype, *, tokens: int, gradients: str = "none",
+                grams: str = "none", resident: bool = False, copies: int = 1) -> MemoryNeed:
     """What `model` (meta or real) needs for a pass over `tokens` calibration or evaluation tokens."""
     from pruneflow.architectures import projection
     from pruneflow.families import PROJECTIONS
 
     if gradients not in GRADIENTS:
         raise ValueError(f"gradients={gradients!r}; allowed: {', '.join(GRADIENTS)}")
+    if grams not in GRAMS:
+        raise ValueError(f"grams={grams!r}; allowed: {', '.join(GRAMS)}")
     size = torch.empty((), dtype=dtype).element_size()
     gradient = {"none": 0, "mean": size, "fisher": size + 8}[gradients]  # bytes per projection parameter
     scoring = 0 if gradients == "none" else 8  # float64 element scores of the layer being scored
     blocks = decoder_layers(model)
-    resident, transient = [], []
+    resident_bytes, transient, gram_sums, gram_saved, layer_bytes = [], [], [], [], []
     for layer in blocks:
         params = sum(p.numel() for p in layer.parameters())
         projected = sum(projection(layer, name).weight.numel() for name in PROJECTIONS)
-        resident.append(params * size + projected * gradient)
-        transient.append(projected * scoring)
+        widths = [projection(layer, name).weight.shape[1] for name in ("o_proj", "down_proj")] \
+            if grams != "none" else []
+        layer_bytes.append(params * size)
+        resident_bytes.append(copies * params * size + projected * gradient)
+        gram_sums.append(sum(8 * (d * d + d) for d in widths))
+        gram_saved.append(sum(4 * (d * d + d) for d in widths))
+        # the float64 element scores of the layer being scored; a batch's float32 x^T x and its float64 copy
+        transient.append(projected * scoring + max((12 * d * d for d in widths), default=0))
     outside = weight_bytes(model, dtype) - sum(p.numel() for p in blocks.parameters()) * size
     hidden = tokens * int(model.config.hidden_size) * size * 2
-    largest = max(r + t for r, t in zip(resident, transient, strict=True))
-    whole = int((outside + sum(resident) + max(transient) + hidden) * HEADROOM)
+    largest = max(r + t + g for r, t, g in zip(resident_bytes, transient, gram_sums, strict=True))
+    whole = int((copies * outside + sum(resident_bytes) + sum(gram_sums) + max(transient) + hidden) * HEADROOM)
     streamed = int((outside + largest + hidden) * HEADROOM)
-    return MemoryNeed(whole_model=whole, layer_by_layer=streamed, largest_layer=largest,
-                      outside_layers=outside, hidden_states=hidden)
+    kept = (len(blocks) * tokens * int(model.config.hidden_size) * size if gradients != "none" else 0) \
+        + (sum(gram_sums) + sum(gram_saved) if grams == "saved" else 2 * max(gram_sums))
+    if resident:
+        host = copies * weight_bytes(model, dtype) + kept
+        # one memory: the model is where its layers run; a layer adds its gradient, scores and sums
+        extras = [r - copies * w + t + g for r, w, t, g in zip(resident_bytes, layer_bytes, transient, gram_sums,
+                                                                 strict=True)]
+        one_memory = int((copies * weight_bytes(model, dtype) + max(extras) + hidden) * HEADROOM) + kept
+    else:
+        host = max(layer_bytes) + kept  # the layer being read from disk
+        one_memory = streamed + kept
+    return MemoryNeed(whole_model=whole, layer_by_layer=streamed, largest_layer=largest, outside_layers=outside,
+                      hidden_states=hidden, gram_sums=sum(gram_sums), host_layer_by_layer=host,
+                      layer_by_layer_one_memory=one_memory)
+
+
+def dtype_remedy(dtype: torch.dtype) -> list[str]:
+    """`runtime.dtype='bfloat16'` as a way to fit, for a stage that computes in runtime.dtype above 2 bytes."""
+    return ["runtime.dtype='bfloat16'"] if torch.empty((), dtype=dtype).element_size() > 2 else []
 
 
 def choose_execution(setting: str, model: nn.Module, dtype: torch.dtype, device: torch.device, *,
-                     tokens: int = 0, gradients: str = "none", what: str = "this stage") -> str:
+                     tokens: int = 0, gradients: str = "none", grams: str = "none", resident: bool = False,
+                     copies: int = 1, on_device: int = 0, what: str = "this stage",
+                     remedies: Sequence[str] = ()) -> str:
     """`runtime.execution`: `auto` runs the whole model at once when it fits in the device's free memory
-    (`memory_need`), else layer by layer. A path that cannot fit is refused before anything is loaded,
-    with the sizes: whole_model set explicitly on a model too big, or one layer (with the hidden
-    states) more than the device has."""
+    (`memory_need`; `on_device` bytes of the model that are there already count as free), else layer
+    by layer. A path that cannot fit is refused before anything is loaded, with the sizes and what
+    would make it fit (`remedies`, the stage's own settings): whole_model set explicitly on a model too
+    big, one layer (with the hidden states) more than the device has, or layer by layer more than the
+    host has (on a CPU the device and the host are one memory, so both parts count against it)."""
     from pruneflow.errors import ConfigError
 
     if setting not in EXECUTIONS:
         raise ConfigError(f"runtime.execution={setting!r} is not allowed; allowed: {', '.join(EXECUTIONS)}")
-    need = memory_need(model, dtype, tokens=tokens, gradients=gradients)
-    free = free_memory_bytes(device)
+    device = torch.device(device)
+    need = memory_need(model, dtype, tokens=tokens, gradients=gradients, grams=grams, resident=resident,
+                       copies=copies)
+    free = free_memory_bytes(device) + on_device
+    separate_host = device.type == "cuda"
+    streamed = need.layer_by_layer if separate_host else need.layer_by_layer_one_memory
     choice = setting
     if setting == "auto":
         choice = "whole_model" if need.whole_model <= free else "layer_by_layer"
         log.info("runtime.execution=auto for %s: whole model %s, layer by layer %s, %s free on %s -> %s", what,
-                 _size(need.whole_model), _size(need.layer_by_layer), _size(free), device, choice)
+                 _size(need.whole_model), _size(streamed), _size(free), device, choice)
+    allowed = ", ".join(["a device with more free memory", *remedies])
     if choice == "whole_model" and need.whole_model > free:
         raise ConfigError(
             f"runtime.execution='whole_model' does not fit: {what} needs about {_size(need.whole_model)} on "
             f"{device} ({dtype}, gradients: {gradients}), {_size(free)} is free; allowed: 'layer_by_layer' or 'auto'")
-    if choice == "layer_by_layer" and need.layer_by_layer > free:
+    if choice == "layer_by_layer" and streamed > free:
+        host_part = "" if separate_host else f", what waits in host memory {_size(need.host_layer_by_layer)}"
         raise ConfigError(
             f"runtime.execution={setting!r}: even one layer at a time does not fit: {what} needs about "
-            f"{_size(need.layer_by_layer)} on {device} (largest layer {_size(need.largest_layer)}, embeddings and "
-            f"head {_size(need.outside_layers)}, hidden states of {tokens} tokens {_size(need.hidden_states)}), "
-            f"{_size(free)} is free; allowed: a device with more free memory, fewer tokens per pass "
-            "(calibration.num_samples, evaluate.ppl_max_windows) or runtime.dtype='bfloat16'")
+            f"{_size(streamed)} on {device} (largest layer {_size(need.largest_layer)}, embeddings and "
+            f"head {_size(need.outside_layers)}, hidden states of {tokens} tokens {_size(need.hidden_states)}"
+            f"{host_part}), {_size(free)} is free; allowed: {allowed}")
+    if choice == "layer_by_layer" and separate_host:
+        host_free = free_memory_bytes(torch.device("cpu"))
+        if need.host_layer_by_layer > host_free:
+            raise ConfigError(
+                f"runtime.execution={setting!r}: {what} one layer at a time keeps about "
+                f"{_size(need.host_layer_by_layer)} in host memory (the model or the layer being read, "
+                + ("every layer's input hidden states, " if gradients != "none" else "")
+                + ("every layer's Gram sums, " if grams == "saved" else "")
+                + f"at {dtype}), {_size(host_free)} is available; "
+                f"allowed: a machine with more memory, {', '.join(remedies) or 'fewer tokens per pass'}")
     return choice
 
 
@@ -530,8 +595,9 @@ def execution_of(layer_weights: LayerWeights | None) -> str:
 
 
 def open_model(folder: str | Path, *, execution: str, dtype: torch.dtype, device: torch.device,
-               resident: bool = False, tokens: int = 0, gradients: str = "none",
-               what: str = "this stage") -> tuple[nn.Module, LayerWeights | None]:
+               resident: bool = False, tokens: int = 0, gradients: str = "none", grams: str = "none",
+               copies: int = 1, what: str = "this stage",
+               remedies: Sequence[str] = ()) -> tuple[nn.Module, LayerWeights | None]:
     """The model in `folder` for a stage, as `runtime.execution` (`choose_execution`) says.
 
     whole_model: loaded onto `device`, no layer source (None). layer_by_layer: a stage that reads a
@@ -542,7 +608,8 @@ def open_model(folder: str | Path, *, execution: str, dtype: torch.dtype, device
     from pruneflow.checkpoint import load_pruned, model_skeleton
 
     skeleton = model_skeleton(folder, dtype=dtype, buffers=True)
-    choice = choose_execution(execution, skeleton, dtype, device, tokens=tokens, gradients=gradients, what=what)
+    choice = choose_execution(execution, skeleton, dtype, device, tokens=tokens, gradients=gradients, grams=grams,
+                              resident=resident, copies=copies, what=what, remedies=remedies)
     if choice == "whole_model":
         return load_pruned(folder, dtype=dtype, device=device), None
     if resident:

@@ -135,7 +135,13 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
     """`prune`'s work on a model in eval mode (prune restores what it changes)."""
     from pruneflow.activations import activation_statistics
     from pruneflow.importance import score_groups
-    from pruneflow.layerwise import ResidentWeights, choose_execution, gradients_of
+    from pruneflow.layerwise import (
+        ResidentWeights,
+        choose_execution,
+        dtype_remedy,
+        gradients_of,
+        weight_bytes,
+    )
     from pruneflow.surgery import prune_scored
 
     came_as = next(model.parameters()).dtype
@@ -143,11 +149,16 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
     ids = calibration_windows(calibration_texts, tokenizer, settings)
     reconstruct = settings.prune.reconstruction != "none"
     # a model too big for `target` stays where it is and its layers visit the device one at a time
-    execution = settings.runtime.execution
-    if execution == "auto" and home == target:
-        execution = "whole_model"  # already on the device: nothing to fit
-    execution = choose_execution(execution, model, work_dtype, target, tokens=ids.numel(),
-                                 gradients=gradients_of(scorer), what=f"pruneflow.prune with {criterion}")
+    # a model on `target` in the working dtype is there already: its weights count as free memory there
+    on_device = weight_bytes(model, came_as) if home == target and work_dtype == came_as else 0
+    cached_grams = settings.activations.gram_matrices and (scorer.needs_activations or reconstruct)
+    parallel_refit = reconstruct and settings.prune.reconstruction_mode != "sequential"
+    grams = "saved" if cached_grams else "consumed" if parallel_refit else "none"
+    execution = choose_execution(settings.runtime.execution, model, work_dtype, target, tokens=ids.numel(),
+                                 gradients=gradients_of(scorer), grams=grams, on_device=on_device,
+                                 what=f"pruneflow.prune with {criterion}",
+                                 remedies=["fewer calibration tokens (calibration.num_samples, calibration_texts)",
+                                           *dtype_remedy(work_dtype)])
     layer_weights = ResidentWeights(home) if execution == "layer_by_layer" else None
     with torch.no_grad():
         working = model if layer_weights is not None else model.to(target)

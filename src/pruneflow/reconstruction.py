@@ -326,14 +326,15 @@ def prune_and_reconstruct(model: nn.Module, plan, *, method: str, mode: str, dam
             biases[target] = refit.bias
 
     if mode == "parallel":
-        accumulators = gram_matrices(model, targets, activations=activations, calibration_ids=calibration_ids,
-                                     batch_size=batch_size, device=device, layer_weights=layer_weights)
-        for target in targets:
+        def refit_target(target: tuple[int, str], acc: GramAccumulator) -> None:
             linear = projection_of(blocks[target[0]], target[1])
-            refit = refit_projection(linear, accumulators.pop(target), _removed_columns(plan, target[0], target[1], size),
-                                     method, damping)
+            refit = refit_projection(linear, acc, _removed_columns(plan, target[0], target[1], size), method, damping)
             _write_kept(linear, refit)
             record(target, refit)
+
+        # each layer re-fitted once its Gram matrices are complete (layer by layer: as soon as it has run)
+        gram_matrices(model, targets, activations=activations, calibration_ids=calibration_ids,
+                      batch_size=batch_size, device=device, layer_weights=layer_weights, consume=refit_target)
         result.params_removed = apply_pruning(model, plan)
     else:
         _sequential(model, plan, method, damping, calibration_ids, batch_size, device, size, record, biases,
@@ -401,6 +402,7 @@ def _refit_bottom_up(blocks, plan, method, damping, size, record, biases, hidden
 
     layers = sorted(plan.layers)
     batches = list(zip(hidden, arguments[layers[0]], strict=True))
+    hidden.clear()  # consumed: the callers' list would otherwise keep the lowest layer's inputs alive throughout
     hooks = []
     try:
         for i in range(layers[0], layers[-1] + 1):

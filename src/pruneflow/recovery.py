@@ -30,8 +30,11 @@ and the loss; LoRA adapters stay fp32). Trainer lacks, and callbacks add:
 - a ConfigError naming recover.learning_rate as soon as the loss is not finite;
 - a run record (history, best step, best weights) written into every checkpoint, last, so a checkpoint
   counts as complete only when it is there, and a resumed run continues the same history and keep-best;
+  the checkpoint's files are fsynced first and the record lists their sizes, and a checkpoint whose
+  files do not match is skipped with a warning (an earlier one, or step 0, is resumed instead);
 - SIGTERM (a cluster's notice before it kills or requeues a job): a checkpoint at the end of the current
-  step, then `TrainingPreempted`; a SIGKILL leaves the last periodic checkpoint.
+  step, then `TrainingPreempted`; repeated SIGTERMs change nothing; a SIGKILL leaves the last periodic
+  checkpoint.
 
 Nothing depends on the layers having equal widths, so pruned models train as they are.
 
@@ -849,14 +852,28 @@ class _RunRecord:
             on_log(entry)
 
     def save(self, folder: Path, fingerprint: str) -> None:
-        """Best weights, then the record itself (written last, by rename: it marks the checkpoint complete)."""
+        """Best weights, then the record itself (written last, by rename: it marks the checkpoint complete).
+
+        Every file of the checkpoint (Trainer's, of every process on this node) is fsynced before the record
+        is written, and the record lists their sizes: without that, a node failure can leave a record on
+        disk whose files never got there (empty or short), and resuming from it fails."""
         if self.best_weights is not None:
             save_file(self.best_weights, str(folder / BEST_WEIGHTS_FILE))
+        files = _checkpoint_files(folder)
+        for name in files:
+            _fsync(folder / name)
+        for subfolder in sorted({(folder / name).parent for name in files}):
+            _fsync(subfolder)
         summary = {"fingerprint": fingerprint, "history": self.history, "initial_val_loss": self.initial_val_loss,
-                   "best_val_loss": self.best_val_loss, "best_step": self.best_step}
+                   "best_val_loss": self.best_val_loss, "best_step": self.best_step, "files": files}
         partial = folder / f"{RECORD_FILE}.partial"
-        partial.write_text(json.dumps(summary, indent=1) + "\n")
+        with partial.open("w") as handle:
+            handle.write(json.dumps(summary, indent=1) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(partial, folder / RECORD_FILE)
+        _fsync(folder)  # the rename
+        _fsync(folder.parent)  # the checkpoint folder's own entry
 
     @classmethod
     def load(cls, folder: Path, *, weights: bool) -> _RunRecord:
@@ -943,6 +960,13 @@ class _StopOnSigterm(TrainerCallback):
     at each step's end (one small collective per step). After the last step there is nothing to resume:
     no checkpoint is saved (the output comes next) and a SIGTERM then lets the run finish. (Trainer
     resumed from a checkpoint at max_steps would also train one step more.)
+
+    A repeated SIGTERM changes nothing, however late: SLURM's `--signal=TERM@S` (without `B:`) signals
+    every process of the job step, so each torchrun worker gets it directly and again from torchrun a
+    moment later, and the time limit S seconds on sends another while a large checkpoint may still be
+    being written. Killing the process on a repeat would lose the very save the notice asks for, and no
+    delay separates a forwarded copy from an impatient sender reliably. The deadline is the SIGKILL that
+    follows (SLURM's KillWait, torchrun's shutdown timeout); SIGINT (Ctrl-C) still stops at once.
     """
 
     def __init__(self) -> None:
@@ -960,11 +984,8 @@ class _StopOnSigterm(TrainerCallback):
             self._previous = None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second SIGTERM: stop waiting for the step to end
-            self.uninstall()
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        self.requested = True  # acted on at the step's end (no logging here: a handler may interrupt it)
+        # acted on at the step's end (no logging here: a handler may interrupt it); a repeat changes nothing
+        self.requested = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -1028,11 +1049,72 @@ def _complete_checkpoints(state_dir: Path) -> list[Path]:
     return sorted(found, key=_checkpoint_step)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (new files, renames), to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _checkpoint_files(folder: Path) -> dict[str, int]:
+    """Every file of a checkpoint but its run record, by path relative to the folder: its size in bytes."""
+    return {path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob("*"))
+            if path.is_file() and not path.name.startswith(RECORD_FILE)}
+
+
+def _check_checkpoint(folder: Path) -> None:
+    """Raise ValueError (OSError where a file cannot be looked at) when a complete checkpoint cannot be
+    resumed: its run record unreadable, or a file the record lists missing or of another size (what a
+    node failure during or after a save leaves).
+
+    Trainer would load a short file with an error on every rerun, and skip a missing optimizer or RNG
+    file silently (resuming inexactly). A record without the list (an earlier version's) is trusted."""
+    try:
+        saved = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{RECORD_FILE} is unreadable: {error}") from error
+    keys = ("fingerprint", "history", "initial_val_loss", "best_val_loss", "best_step")
+    if not isinstance(saved, dict) or any(key not in saved for key in keys):
+        raise ValueError(f"{RECORD_FILE} lacks some of {', '.join(keys)}")
+    files = saved.get("files", {})
+    if not isinstance(files, dict):
+        raise ValueError(f"{RECORD_FILE} lists its files as {type(files).__name__}, not a mapping")
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{name} is missing")
+        if path.stat().st_size != size:
+            raise ValueError(f"{name} has {path.stat().st_size} bytes, {size} were saved")
+
+
+def _resumable_checkpoint(state_dir: Path) -> Path | None:
+    """The newest complete checkpoint that passes `_check_checkpoint`; each newer one that fails is named in a
+    warning with its error and the checkpoint (or step 0) training falls back to."""
+    failed: list[tuple[Path, Exception]] = []
+    chosen = None
+    for folder in reversed(_complete_checkpoints(state_dir)):
+        try:
+            _check_checkpoint(folder)
+        except (OSError, ValueError) as error:
+            failed.append((folder, error))
+            continue
+        chosen = folder
+        break
+    for folder, error in failed:
+        logger.warning("checkpoint %s cannot be resumed (%s): %s", folder, error,
+                       f"resuming from {chosen.name} instead" if chosen is not None else "training from step 0")
+    return chosen
+
+
 def _open_state_dir(state_dir: Path, fingerprint: str) -> Path | None:
     """Make `state_dir` hold this run's checkpoints; the last complete one to resume from, or None.
 
     The main process starts it fresh (and says why) when it is missing or another run's (another
-    fingerprint), and removes incomplete checkpoints (a save that was killed); the others wait for it.
+    fingerprint), and keeps only the checkpoint to resume from: incomplete ones (a save that was killed)
+    and damaged ones (`_resumable_checkpoint`) are removed, their run record first, so that no process
+    takes them for complete; the others wait for it.
     """
     if is_main_process():
         stamp = state_dir / FINGERPRINT_FILE
@@ -1043,9 +1125,10 @@ def _open_state_dir(state_dir: Path, fingerprint: str) -> Path | None:
             shutil.rmtree(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         stamp.write_text(fingerprint + "\n")
-        complete = _complete_checkpoints(state_dir)
+        resumable = _resumable_checkpoint(state_dir)
         for folder in state_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            if folder not in complete[-1:]:
+            if folder != resumable and folder.is_dir():
+                (folder / RECORD_FILE).unlink(missing_ok=True)
                 shutil.rmtree(folder, ignore_errors=True)
     _barrier()
     complete = _complete_checkpoints(state_dir)

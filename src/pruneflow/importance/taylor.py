@@ -191,7 +191,7 @@ def layerwise_scores(model: nn.Module, inputs: ScoringInputs, criterion: _Taylor
                 scale = 1.0 if criterion.uses_fisher else ids_chunk.shape[0] / total
                 (grad,) = torch.autograd.grad(loss.float() * scale, out)
             upstream.append(grad)
-        del hidden
+        hidden.clear()  # the last layer's outputs (run_layers reuses the list): no longer needed on the device
         rows = {}
         for index in reversed(range(len(blocks))):
             layer = blocks[index]

@@ -172,6 +172,27 @@ class ParameterCount:
 
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_REQUIRED_WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_WIDTHS = ("num_key_value_heads", "head_dim")  # absent or null: the attention heads' values
+
+
+def _is_width(value: object) -> bool:
+    """A positive integer, as config.json writes widths (not a bool, a float or a quoted number)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_widths(config: Mapping, where: str) -> None:
+    """Refuse every width of `config` that is not a positive integer, all in one ConfigError."""
+    source = where if where.endswith(".json") else f"the config.json of {where}"
+    bad = [f"{key}={json.dumps(config[key], default=repr)}" for key in (*_REQUIRED_WIDTHS, *_OPTIONAL_WIDTHS)
+           if config.get(key) is not None and not _is_width(config[key])]
+    if bad:
+        raise ConfigError(f"{source}: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not allowed; allowed: "
+                          "positive integers (JSON numbers without quotes or a fraction)")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") is None and hidden < heads:  # head_dim would be hidden_size // heads = 0
+        raise ConfigError(f"{source}: num_attention_heads={heads} with hidden_size={hidden} and no head_dim is not "
+                          "allowed; allowed: num_attention_heads at most hidden_size, or a head_dim")
 
 
 @dataclass(frozen=True)
@@ -196,14 +217,15 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Mapping, where: str = "config.json") -> ModelShape:
-        """Read the widths; a config without them is refused, naming the missing keys."""
+        """Read the widths. A config without them, or with a width that is not a positive integer, is
+        refused naming the keys: a negative or zero width would plan negative memory or divide by zero."""
         from pruneflow.families import family_for_config
 
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [key for key in required if not isinstance(config.get(key), int)]
+        missing = [key for key in _REQUIRED_WIDTHS if config.get(key) is None]
         if missing:
             raise ConfigError(f"{where} lacks {', '.join(missing)}; allowed: a decoder config.json with "
-                              f"{', '.join(required)}")
+                              f"{', '.join(_REQUIRED_WIDTHS)}")
+        _check_widths(config, where)
         heads = config["num_attention_heads"]
         family = family_for_config(dict(config))
         other = family.other_modules if family else ("input_layernorm", "post_attention_layernorm")
@@ -467,10 +489,13 @@ class Derivation:
         chosen = "whole_model"
         if execution == "layer_by_layer" or (execution == "auto" and device > self.settings.usable_bytes):
             # gradients one layer at a time (pruneflow.importance.taylor.layerwise_scores): one layer with its
-            # gradient on the GPU, the embeddings and head, one micro-batch; every layer's input hidden
-            # states wait in host memory; each layer runs forward twice and backward once
+            # gradient on the GPU, the embeddings and head, and the transients of one micro-batch; the hidden
+            # states of every micro-batch stay on the GPU, two copies of all calibration tokens (a layer's
+            # inputs and outputs going forward, the upstream and downstream gradients going backward, as
+            # pruneflow.layerwise.memory_need counts them); every layer's input hidden states also wait in
+            # host memory; each layer runs forward twice and backward once
             one_layer = (b + gradient) * dense.layers / layers + scoring
-            device = (one_layer + b * (dense.embedding + dense.lm_head) + 2 * b * micro_tokens * h
+            device = (one_layer + b * (dense.embedding + dense.lm_head) + 2 * b * tokens * h
                       + micro_tokens * (10 * h + 4 * f + 18 * shape.vocab_size))
             host = HOST_BASE_BYTES + b * (layers + 1) * tokens * h + (b + gradient) * dense.layers / layers + stats
             flops = 8 * dense.total * tokens
@@ -759,9 +784,10 @@ def launcher(gpus: int, checkpoint_seconds: int = 0) -> str:
 
 def slurm_extra(resources: RuleResources) -> str:
     """sbatch flags of a resumable job: SIGTERM to every job step `checkpoint_seconds` before the time
-    limit (not `B:`, which signals only the batch shell; the stage runs in an srun step), and requeue
-    after preemption or a node failure."""
-    return f"--signal=TERM@{resources.checkpoint_seconds} --requeue" if resources.checkpoint_seconds else ""
+    limit (not `B:`, which signals only the batch shell; the stage runs in an srun step). `--requeue`
+    is not among them: the SLURM profile's `slurm-requeue: true` adds it to every job, and only then
+    does the plugin wait for a job SLURM requeues after a node failure instead of submitting it again."""
+    return f"--signal=TERM@{resources.checkpoint_seconds}" if resources.checkpoint_seconds else ""
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -189,6 +189,11 @@ class SnakemakePipeline:
                 for role, out in STAGES[name].outputs.items()}
 
     def shell(self, name: str) -> str:
+        """The rule's shell line. Its one command is `exec`ed, redirections included (no pipe, no tee),
+        so the stage process replaces the shell Snakemake starts (the GPU slot allocator execs it in
+        turn): a SIGTERM to every process of a job (SLURM's time limit or preemption) then reaches a
+        stage whose parent is Snakemake's job process, which waits for it to write its checkpoint
+        rather than seeing an interposed shell die at once and ending the job under it."""
         stage = STAGES[name]
         inputs = {role: "{input." + role + "}" for role in stage.inputs}
         outputs = {role: "{output." + role + "}" for role in stage.outputs}
@@ -197,7 +202,7 @@ class SnakemakePipeline:
         line = command(stage, inputs, outputs, values, self.params_file) + f" {CONSOLE_FD}>&2 > {{log}} 2>&1"
         if name in SHARDED_STAGES:  # `python`, or torchrun with one process per GPU (resources.launcher)
             line = "{resources.launcher}" + line.removeprefix("python")
-        return f"{PROGRESS_FD_ENV}={CONSOLE_FD} " + ((GPU_SLOT_PREFIX + line) if stage.gpu else line)
+        return f"{PROGRESS_FD_ENV}={CONSOLE_FD} exec " + ((GPU_SLOT_PREFIX + line) if stage.gpu else line)
 
     def resources(self, name: str) -> dict[str, Any]:
         """The rule's Snakemake resources: locally `gpu=1` for a GPU stage (what `--resources gpu=N` and

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_file(args.model, "model folder")
 
     from pruneflow.activations import activation_statistics
-    from pruneflow.layerwise import execution_of, open_model
+    from pruneflow.layerwise import dtype_remedy, execution_of, open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -37,8 +37,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     tracked = stage_params(params, "seed", "runtime", "activations")
     with stage_run(STAGE, settings=params.mlflow, params=tracked,
                    inputs={"model": args.model, "calibration": args.calibration}) as run:
+        grams = "saved" if params.activations.gram_matrices else "none"
+        remedies = ["fewer calibration tokens (calibration.num_samples)",
+                    *(["activations.gram_matrices=false (the prune stage then gathers them layer by layer)"]
+                      if grams == "saved" else []), *dtype_remedy(dtype)]
         model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
-                                          tokens=ids.numel(), what=STAGE)
+                                          tokens=ids.numel(), grams=grams, what=STAGE, remedies=remedies)
         stats = activation_statistics(model, ids, params, device, layer_weights=layer_weights)
         record = recorder(STAGE, inputs={"model": args.model, "calibration": args.calibration}).record(params)
         save_tensors(args.out, stats, {"command": command_line(), "device": str(device),

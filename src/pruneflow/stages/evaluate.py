@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pruneflow.architectures import count_parameters
     from pruneflow.checkpoint import load_pruned
     from pruneflow.efficiency import measure_efficiency
-    from pruneflow.layerwise import execution_of, open_model
+    from pruneflow.layerwise import dtype_remedy, execution_of, open_model
     from pruneflow.perplexity import perplexity, tokenize_text
     from pruneflow.pipeline.atomic import write_json
     from pruneflow.pipeline.graph import evaluation_files, project_path, stage_for_model_id
@@ -115,7 +115,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                            else min(ids.numel(), cfg.ppl_max_windows * cfg.ppl_seq_lens[0]) for ids in texts.values()),
                           default=0)
         model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
-                                          tokens=pass_tokens, what=STAGE)
+                                          tokens=pass_tokens, what=STAGE,
+                                          remedies=["fewer tokens per pass (evaluate.ppl_max_windows)",
+                                                    *dtype_remedy(dtype)])
         execution = execution_of(layer_weights)
         timing = {"load_s": time.perf_counter() - started}
         mark = time.perf_counter()

@@ -98,10 +98,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     # fp32 for exact surgery and solves; forward passes (sequential mode, Gram matrices not cached) on the
     # device, one layer at a time when the model does not fit there (the model then stays in host memory)
     device = resolve_device(params.runtime.device)
+    cfg = params.prune
+    # Gram sums gathered by the parallel re-fit when the cache has none (each layer's solved once complete);
+    # the layout search prunes a copy of the model per layout it tries
+    grams = "consumed" if cfg.reconstruction != "none" and cfg.reconstruction_mode != "sequential" \
+        and not params.activations.gram_matrices else "none"
+    search = cfg.attention_unit == "auto"
+    remedies = ["fewer calibration tokens (calibration.num_samples)",
+                *(["a fixed prune.attention_unit (no copy of the model per layout tried)"] if search else [])]
     model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=torch.float32,
                                       device=device, resident=True,
                                       tokens=0 if calibration_ids is None else calibration_ids.numel(),
-                                      what="prune")
+                                      grams=grams, copies=2 if search else 1, what="prune", remedies=remedies)
     tokenizer = load_tokenizer(args.model)
     tracked = {**stage_params(params, "prune"), "criterion": args.criterion, "ratio": ratio,
                **({"servable": True} if args.servable else {})}

@@ -35,8 +35,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from pruneflow.activations import load_activation_stats
+    from pruneflow.criteria import CRITERIA
     from pruneflow.importance import score_groups
-    from pruneflow.layerwise import execution_of, gradients_of, open_model
+    from pruneflow.layerwise import dtype_remedy, execution_of, gradients_of, open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -52,9 +53,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                    inputs={"model": args.model, "calibration": args.calibration, "activations": args.activations}) as run:
         # gradient criteria take their gradients one layer at a time when the model (with them) does not fit;
         # weight-based criteria then read the weights in host memory
+        without_gradients = ", ".join(name for name, info in CRITERIA.items() if not info.needs_gradients)
+        remedies = ["fewer calibration tokens (calibration.num_samples)",
+                    *([f"a criterion without gradients ({without_gradients})"] if criterion.needs_gradients else []),
+                    *dtype_remedy(dtype)]
         model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
                                           resident=not criterion.needs_gradients, tokens=ids.numel(),
-                                          gradients=gradients_of(criterion), what=f"score {criterion.name}")
+                                          gradients=gradients_of(criterion), what=f"score {criterion.name}",
+                                          remedies=remedies)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
