@@ -274,6 +274,17 @@ def test_gram_sums_and_host_memory_are_counted_and_refused_by_name(folders, monk
         layerwise.choose_execution("whole_model", skeleton, torch.bfloat16, gpu, tokens=100)
     assert layerwise.choose_execution("auto", skeleton, torch.bfloat16, gpu, tokens=100,
                                       on_device=layerwise.weight_bytes(skeleton, torch.bfloat16)) == "whole_model"
+    # ... but not layer by layer, whose estimate holds one layer of it on the device, not the model
+    room["cuda"] = taylor.layer_by_layer - 1
+    with pytest.raises(ConfigError, match="even one layer at a time does not fit"):
+        layerwise.choose_execution("layer_by_layer", skeleton, torch.bfloat16, gpu, tokens=100, gradients="mean",
+                                   on_device=layerwise.weight_bytes(skeleton, torch.bfloat16))
+    from pruneflow.oneshot import _same_device
+
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
+    assert _same_device(cuda0, cuda) and _same_device(cuda0, cuda0) and _same_device(torch.device("cpu"), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert not _same_device(cuda1, cuda0) and not _same_device(cpu, cuda) and not _same_device(cuda0, cpu)
 
 
 def test_a_finished_layer_leaves_the_device_before_the_next_runs(folders, tokenizer, monkeypatch):

@@ -383,6 +383,20 @@ def test_gradient_scoring_of_a_70b_model_goes_layer_by_layer(params):
     assert seven.rule("score", "taylor_element1").execution == "whole_model"
 
 
+def test_gram_sums_of_finished_layers_are_asked_in_host_memory_layer_by_layer(params):
+    """cache_activations layer by layer keeps one layer's float64 Gram sums on the GPU and every finished
+    layer's in host memory (pruneflow.activations moves them there): Llama-2-7B on a 40 GB GPU."""
+    job = Derivation(ModelShape.from_config(LLAMA2_7B), params, WORK, ClusterSettings(gpu_memory_gb=40)).rule(
+        "cache_activations")
+    h, f, layers = 4096, 11008, 32
+    sums = 8 * (h * h + f * f) * layers  # 35.3 GB, float64, every layer
+    assert job.execution == "layer_by_layer"
+    assert job.gpu_mem_mb * MIB < 8 * 2**30  # one layer's sums (1.1 GB) with the layer and hidden states
+    assert job.mem_mb * MIB >= sums + 4 * (h * h + f * f) * layers  # + the float32 copies that are saved
+    whole = Derivation(ModelShape.from_config(LLAMA2_7B), params, WORK).rule("cache_activations")
+    assert whole.execution == "whole_model" and whole.gpu_mem_mb * MIB >= sums
+
+
 def test_layer_by_layer_gradients_hold_the_hidden_states_of_every_calibration_token(params):
     """layerwise_scores keeps every micro-batch's hidden states on the GPU, two copies (a layer's inputs and
     outputs, then the gradients from above and to below): 4 x the calibration tokens more ask for 2 x 2 bytes

@@ -540,8 +540,8 @@ def choose_execution(setting: str, model: nn.Module, dtype: torch.dtype, device:
                      copies: int = 1, on_device: int = 0, what: str = "this stage",
                      remedies: Sequence[str] = ()) -> str:
     """`runtime.execution`: `auto` runs the whole model at once when it fits in the device's free memory
-    (`memory_need`; `on_device` bytes of the model that are there already count as free), else layer
-    by layer. A path that cannot fit is refused before anything is loaded, with the sizes and what
+    (`memory_need`; `on_device` bytes of the model that are there already count as free for that), else
+    layer by layer (no credit: its estimate counts one layer, not the model, on the device). A path that cannot fit is refused before anything is loaded, with the sizes and what
     would make it fit (`remedies`, the stage's own settings): whole_model set explicitly on a model too
     big, one layer (with the hidden states) more than the device has, or layer by layer more than the
     host has (on a CPU the device and the host are one memory, so both parts count against it)."""
@@ -552,19 +552,21 @@ def choose_execution(setting: str, model: nn.Module, dtype: torch.dtype, device:
     device = torch.device(device)
     need = memory_need(model, dtype, tokens=tokens, gradients=gradients, grams=grams, resident=resident,
                        copies=copies)
-    free = free_memory_bytes(device) + on_device
+    free = free_memory_bytes(device)
+    whole_free = free + on_device  # the model there already needs no room for its weights, run whole
     separate_host = device.type == "cuda"
     streamed = need.layer_by_layer if separate_host else need.layer_by_layer_one_memory
     choice = setting
     if setting == "auto":
-        choice = "whole_model" if need.whole_model <= free else "layer_by_layer"
+        choice = "whole_model" if need.whole_model <= whole_free else "layer_by_layer"
         log.info("runtime.execution=auto for %s: whole model %s, layer by layer %s, %s free on %s -> %s", what,
-                 _size(need.whole_model), _size(streamed), _size(free), device, choice)
+                 _size(need.whole_model), _size(streamed), _size(whole_free), device, choice)
     allowed = ", ".join(["a device with more free memory", *remedies])
-    if choice == "whole_model" and need.whole_model > free:
+    if choice == "whole_model" and need.whole_model > whole_free:
         raise ConfigError(
             f"runtime.execution='whole_model' does not fit: {what} needs about {_size(need.whole_model)} on "
-            f"{device} ({dtype}, gradients: {gradients}), {_size(free)} is free; allowed: 'layer_by_layer' or 'auto'")
+            f"{device} ({dtype}, gradients: {gradients}), {_size(whole_free)} is free"
+            f"{' counting its weights already there' if on_device else ''}; allowed: 'layer_by_layer' or 'auto'")
     if choice == "layer_by_layer" and streamed > free:
         host_part = "" if separate_host else f", what waits in host memory {_size(need.host_layer_by_layer)}"
         raise ConfigError(

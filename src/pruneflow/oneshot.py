@@ -129,6 +129,18 @@ def prune(model: nn.Module, tokenizer, calibration_texts: Sequence[str], *, crit
             param.requires_grad_(trainable.get(name, True))
 
 
+def _same_device(home: torch.device, target: torch.device) -> bool:
+    """Whether weights on `home` are on `target`: `cuda` (the current GPU, as runtime.device resolves it)
+    matches the model's `cuda:N` of that GPU."""
+    if home.type != target.type:
+        return False
+    if home.type != "cuda" or (home.index is not None and target.index is not None):
+        return home.index == target.index
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (home.index if home.index is not None else current) == (target.index if target.index is not None
+                                                                   else current)
+
+
 def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str], scorer: Importance,
                     criterion: str, ratio: float, settings: Params, servable: bool, target: torch.device,
                     work_dtype: torch.dtype) -> PruneResult:
@@ -150,7 +162,7 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
     reconstruct = settings.prune.reconstruction != "none"
     # a model too big for `target` stays where it is and its layers visit the device one at a time
     # a model on `target` in the working dtype is there already: its weights count as free memory there
-    on_device = weight_bytes(model, came_as) if home == target and work_dtype == came_as else 0
+    on_device = weight_bytes(model, came_as) if _same_device(home, target) and work_dtype == came_as else 0
     cached_grams = settings.activations.gram_matrices and (scorer.needs_activations or reconstruct)
     parallel_refit = reconstruct and settings.prune.reconstruction_mode != "sequential"
     grams = "saved" if cached_grams else "consumed" if parallel_refit else "none"

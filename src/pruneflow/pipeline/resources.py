@@ -417,10 +417,13 @@ class Derivation:
 
     def _forward(self, stage: str, params: float, tokens: float, batch_tokens: int, state: float,
                  host_extra: float, passes: int, pass_tokens: float, extra_flops: float = 0.0,
-                 weight_bytes: int | None = None) -> RuleResources:
+                 weight_bytes: int | None = None, layer_state: float | None = None,
+                 layer_host_extra: float = 0.0) -> RuleResources:
         """A stage that only runs forward passes: whole model on one GPU, else layer by layer (which
         keeps the hidden states of one pass, `pass_tokens`, on the GPU). `weight_bytes` 4: the stage
-        computes in float32, at 1/`FP32_SLOWDOWN` of the bf16 rate."""
+        computes in float32, at 1/`FP32_SLOWDOWN` of the bf16 rate. `state` is what the pass adds on the
+        GPU; layer by layer that is `layer_state` there (default: the same) and `layer_host_extra` more
+        in host memory (what finished layers leave there, as pruneflow.layerwise.memory_need counts)."""
         shape, b = self.shape, weight_bytes or self.weight_bytes
         h, f, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
         scale = params / self.dense.total
@@ -429,12 +432,14 @@ class Derivation:
         execution = getattr(self.params.runtime, "execution", "auto")
         whole = weights * LOAD_HEADROOM + workspace + state
         layer = (b * self.dense.layers * scale / shape.num_hidden_layers + b * (self.dense.embedding + self.dense.lm_head)
-                 + 2 * b * pass_tokens * h + workspace + state)  # one layer, embeddings and head, hidden states in/out
+                 + 2 * b * pass_tokens * h + workspace
+                 + (state if layer_state is None else layer_state))  # one layer, embeddings and head, hidden states
         usable = self.settings.usable_bytes
         if execution != "layer_by_layer" and whole <= usable:
             chosen, device, copies = "whole_model", whole, 0.0
         elif execution != "whole_model" and layer <= usable:
             chosen, device, copies = "layer_by_layer", layer, weights * passes
+            host_extra += layer_host_extra
         else:
             what = (f"runtime.execution={execution!r}" if execution == "whole_model" and layer <= usable
                     else f"stage {stage}")
@@ -463,8 +468,12 @@ class Derivation:
                               f"its Gram sums take {_gib(gram_device)} on the GPU, more than {self._budget()} "
                               "allows; allowed: false (the prune stage then computes them layer by layer)")
         grams = 2 * (h * h + f * f) * layers * tokens if act.gram_matrices else 0
+        # layer by layer the running layer's sums are on the GPU (with one batch's float32 product and its
+        # float64 copy) and each finished layer's go to host memory
+        one_layer = (8 * (h * h + f * f) + 12 * max(h, f) ** 2) if act.gram_matrices else 0
         return self._forward("cache_activations", self.dense.total, tokens, act.batch_size * self.params.calibration.seq_len,
-                             gram_device, gram_host + rows, passes=1, pass_tokens=tokens, extra_flops=grams)
+                             gram_device, gram_host + rows, passes=1, pass_tokens=tokens, extra_flops=grams,
+                             layer_state=one_layer, layer_host_extra=gram_device)
 
     def score(self, criterion: str) -> RuleResources:
         info = CRITERIA.get(criterion)
