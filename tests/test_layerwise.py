@@ -249,6 +249,12 @@ def test_gram_sums_and_host_memory_are_counted_and_refused_by_name(folders, monk
     consumed = layerwise.memory_need(skeleton, torch.bfloat16, tokens=100, grams="consumed")  # one layer waits
     assert consumed.host_layer_by_layer == plain.host_layer_by_layer + 2 * per_layer
     assert (consumed.whole_model, consumed.layer_by_layer) == (grams.whole_model, grams.layer_by_layer)
+    # the sequential re-fit: one projection's sums at a time, the largest (down_proj's here), whole or not
+    one = layerwise.memory_need(skeleton, torch.bfloat16, tokens=100, grams="one_projection")
+    largest_sums = 8 * (max(o_width, ffn) ** 2 + max(o_width, ffn))
+    assert one.gram_sums == largest_sums and one.largest_layer == plain.largest_layer + largest_sums + product
+    assert one.whole_model == int((layerwise.weight_bytes(skeleton, torch.bfloat16) + largest_sums + product
+                                   + states) * layerwise.HEADROOM)
     taylor = layerwise.memory_need(skeleton, torch.bfloat16, tokens=100, gradients="mean")
     assert taylor.host_layer_by_layer == plain.host_layer_by_layer + layers * 100 * hidden * 2
 

@@ -438,8 +438,9 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 
 GRADIENTS = ("none", "mean", "fisher")
 # where a pass's Gram sums go: none gathered; saved (every layer's kept, then written: cache_activations);
-# consumed (each layer's solved as soon as it is complete: the prune stage's parallel re-fit)
-GRAMS = ("none", "saved", "consumed")
+# consumed (each layer's solved as soon as it is complete: the prune stage's parallel re-fit); one_projection
+# (one projection's at a time, whole model or layer by layer: the sequential re-fit)
+GRAMS = ("none", "saved", "consumed", "one_projection")
 
 
 def gradients_of(criterion) -> str:
@@ -466,7 +467,8 @@ class MemoryNeed:
     In host memory layer by layer (`host_layer_by_layer`): the model where it stays there (`resident`,
     `copies` times), else the one layer being read from disk; for gradient criteria every layer's
     input hidden states (the backward pass re-runs each layer on them); Gram sums `saved`: every
-    layer's and the float32 copies written, `consumed`: one layer's and its solve's working copy. Where the device is the host (a CPU) the two are one memory
+    layer's and the float32 copies written, `consumed`: one layer's and its solve's working copy,
+    `one_projection`: one projection's (on the device too, whole model or not) and its solve's copy. Where the device is the host (a CPU) the two are one memory
     (`layer_by_layer_one_memory`), and a resident model's layers run where they are.
     """
 
@@ -505,14 +507,16 @@ def memory_need(model: nn.Module, dtype: torch.dtype, *, tokens: int, gradients:
             if grams != "none" else []
         layer_bytes.append(params * size)
         resident_bytes.append(copies * params * size + projected * gradient)
-        gram_sums.append(sum(8 * (d * d + d) for d in widths))
+        projection_sums = [8 * (d * d + d) for d in widths]
+        gram_sums.append(max(projection_sums, default=0) if grams == "one_projection" else sum(projection_sums))
         gram_saved.append(sum(4 * (d * d + d) for d in widths))
         # the float64 element scores of the layer being scored; a batch's float32 x^T x and its float64 copy
         transient.append(projected * scoring + max((12 * d * d for d in widths), default=0))
     outside = weight_bytes(model, dtype) - sum(p.numel() for p in blocks.parameters()) * size
     hidden = tokens * int(model.config.hidden_size) * size * 2
     largest = max(r + t + g for r, t, g in zip(resident_bytes, transient, gram_sums, strict=True))
-    whole = int((copies * outside + sum(resident_bytes) + sum(gram_sums) + max(transient) + hidden) * HEADROOM)
+    every_layer = max(gram_sums) if grams == "one_projection" else sum(gram_sums)  # Gram sums held at once
+    whole = int((copies * outside + sum(resident_bytes) + every_layer + max(transient) + hidden) * HEADROOM)
     streamed = int((outside + largest + hidden) * HEADROOM)
     kept = (len(blocks) * tokens * int(model.config.hidden_size) * size if gradients != "none" else 0) \
         + (sum(gram_sums) + sum(gram_saved) if grams == "saved" else 2 * max(gram_sums))
@@ -526,7 +530,7 @@ def memory_need(model: nn.Module, dtype: torch.dtype, *, tokens: int, gradients:
         host = max(layer_bytes) + kept  # the layer being read from disk
         one_memory = streamed + kept
     return MemoryNeed(whole_model=whole, layer_by_layer=streamed, largest_layer=largest, outside_layers=outside,
-                      hidden_states=hidden, gram_sums=sum(gram_sums), host_layer_by_layer=host,
+                      hidden_states=hidden, gram_sums=every_layer, host_layer_by_layer=host,
                       layer_by_layer_one_memory=one_memory)
 
 

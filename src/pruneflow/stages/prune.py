@@ -99,10 +99,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # device, one layer at a time when the model does not fit there (the model then stays in host memory)
     device = resolve_device(params.runtime.device)
     cfg = params.prune
-    # Gram sums gathered by the parallel re-fit when the cache has none (each layer's solved once complete);
+    # Gram sums: the parallel re-fit gathers them when the cache has none (each layer's solved once complete),
+    # the sequential one gathers one projection's at a time;
     # the layout search prunes a copy of the model per layout it tries
-    grams = "consumed" if cfg.reconstruction != "none" and cfg.reconstruction_mode != "sequential" \
-        and not params.activations.gram_matrices else "none"
+    refit = cfg.reconstruction != "none"
+    grams = ("one_projection" if cfg.reconstruction_mode == "sequential" else
+             "none" if params.activations.gram_matrices else "consumed") if refit else "none"
     search = cfg.attention_unit == "auto"
     remedies = ["fewer calibration tokens (calibration.num_samples)",
                 *(["a fixed prune.attention_unit (no copy of the model per layout tried)"] if search else [])]
