@@ -92,12 +92,13 @@ def collect_activation_stats(
                 current_batch[0] = batch
 
             def to_host(index: int) -> None:  # a finished layer's sums leave the device: one layer's stay there
-                prefix = f"layers.{index}."
-                for table in (sums, squares):
-                    for key in [k for k in table if k.startswith(prefix)]:
-                        table[key] = table[key].cpu()
-                for key in [k for k in grams if k.startswith(prefix)]:
-                    grams[key].to("cpu")
+                for name in HOOKED_INPUTS:
+                    key = f"layers.{index}.{name}"
+                    for table in (sums, squares):
+                        if key in table:
+                            table[key] = table[key].cpu()
+                    if key in grams:
+                        grams[key].to("cpu")
 
             layerwise.forward(model, input_ids, batch_size=batch_size, device=device, weights=layer_weights,
                               before_batch=before_batch, after_layer=to_host)

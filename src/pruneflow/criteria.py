@@ -37,6 +37,11 @@ CRITERIA: dict[str, CriterionInfo] = {info.name: info for info in (
 BANDWIDTH_RULES = ("silverman", "median")
 
 
+def without_gradients() -> list[str]:
+    """The criteria that take no gradients: what to use where a gradient criterion cannot fit."""
+    return [name for name, info in CRITERIA.items() if not info.needs_gradients]
+
+
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 

@@ -441,6 +441,18 @@ GRADIENTS = ("none", "mean", "fisher")
 # consumed (each layer's solved as soon as it is complete: the prune stage's parallel re-fit); one_projection
 # (one projection's at a time, whole model or layer by layer: the sequential re-fit)
 GRAMS = ("none", "saved", "consumed", "one_projection")
+FEWER_CALIBRATION_TOKENS = "fewer calibration tokens (calibration.num_samples)"
+
+
+def refit_grams(prune, *, cached: bool) -> str:
+    """What the least-squares re-fit of `prune` (PruneParams) gathers (GRAMS): nothing without a re-fit
+    or, in parallel mode, when Gram matrices are `cached`; else each layer's (parallel) or one
+    projection's at a time (sequential)."""
+    if prune.reconstruction == "none":
+        return "none"
+    if prune.reconstruction_mode == "sequential":
+        return "one_projection"
+    return "none" if cached else "consumed"
 
 
 def gradients_of(criterion) -> str:
@@ -468,8 +480,9 @@ class MemoryNeed:
     `copies` times), else the one layer being read from disk; for gradient criteria every layer's
     input hidden states (the backward pass re-runs each layer on them); Gram sums `saved`: every
     layer's and the float32 copies written, `consumed`: one layer's and its solve's working copy,
-    `one_projection`: one projection's (on the device too, whole model or not) and its solve's copy. Where the device is the host (a CPU) the two are one memory
-    (`layer_by_layer_one_memory`), and a resident model's layers run where they are.
+    `one_projection`: one projection's (on the device too, whole model or not) and its solve's copy.
+    Where the device is the host (a CPU) the two are one memory (`layer_by_layer_one_memory`), and a
+    resident model's layers run where they are.
     """
 
     whole_model: int
@@ -545,8 +558,8 @@ def choose_execution(setting: str, model: nn.Module, dtype: torch.dtype, device:
                      remedies: Sequence[str] = ()) -> str:
     """`runtime.execution`: `auto` runs the whole model at once when it fits in the device's free memory
     (`memory_need`; `on_device` bytes of the model that are there already count as free for that), else
-    layer by layer (no credit: its estimate counts one layer, not the model, on the device). A path that cannot fit is refused before anything is loaded, with the sizes and what
-    would make it fit (`remedies`, the stage's own settings): whole_model set explicitly on a model too
+    layer by layer (no credit: its estimate counts one layer, not the model, on the device). A path
+    that cannot fit is refused before anything is loaded, with the sizes and what would make it fit (`remedies`, the stage's own settings): whole_model set explicitly on a model too
     big, one layer (with the hidden states) more than the device has, or layer by layer more than the
     host has (on a CPU the device and the host are one memory, so both parts count against it)."""
     from pruneflow.errors import ConfigError

@@ -152,6 +152,7 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
         choose_execution,
         dtype_remedy,
         gradients_of,
+        refit_grams,
         weight_bytes,
     )
     from pruneflow.surgery import prune_scored
@@ -164,9 +165,7 @@ def _prune_in_place(model: nn.Module, tokenizer, calibration_texts: Sequence[str
     # a model on `target` in the working dtype is there already: its weights count as free memory there
     on_device = weight_bytes(model, came_as) if _same_device(home, target) and work_dtype == came_as else 0
     cached_grams = settings.activations.gram_matrices and (scorer.needs_activations or reconstruct)
-    parallel_refit = reconstruct and settings.prune.reconstruction_mode != "sequential"
-    grams = ("saved" if cached_grams else "consumed" if parallel_refit else
-             "one_projection" if reconstruct else "none")
+    grams = "saved" if cached_grams else refit_grams(settings.prune, cached=False)
     execution = choose_execution(settings.runtime.execution, model, work_dtype, target, tokens=ids.numel(),
                                  gradients=gradients_of(scorer), grams=grams, on_device=on_device,
                                  what=f"pruneflow.prune with {criterion}",

@@ -79,6 +79,7 @@ from transformers.utils import logging as hf_logging
 from pruneflow.architectures import decoder_layers
 from pruneflow.config import RecoverParams
 from pruneflow.errors import ConfigError, DataError
+from pruneflow.pipeline.atomic import fsync_path
 from pruneflow.progress import progress
 from pruneflow.text_data import check_instruction_file, check_recovery_suffixes, read_rows
 
@@ -861,9 +862,9 @@ class _RunRecord:
             save_file(self.best_weights, str(folder / BEST_WEIGHTS_FILE))
         files = _checkpoint_files(folder)
         for name in files:
-            _fsync(folder / name)
+            fsync_path(folder / name, best_effort=False)
         for subfolder in sorted({(folder / name).parent for name in files}):
-            _fsync(subfolder)
+            fsync_path(subfolder, best_effort=False)
         summary = {"fingerprint": fingerprint, "history": self.history, "initial_val_loss": self.initial_val_loss,
                    "best_val_loss": self.best_val_loss, "best_step": self.best_step, "files": files}
         partial = folder / f"{RECORD_FILE}.partial"
@@ -872,8 +873,8 @@ class _RunRecord:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, folder / RECORD_FILE)
-        _fsync(folder)  # the rename
-        _fsync(folder.parent)  # the checkpoint folder's own entry
+        fsync_path(folder, best_effort=False)  # the rename
+        fsync_path(folder.parent, best_effort=False)  # the checkpoint folder's own entry
 
     @classmethod
     def load(cls, folder: Path, *, weights: bool) -> _RunRecord:
@@ -1047,15 +1048,6 @@ def _complete_checkpoints(state_dir: Path) -> list[Path]:
     """Checkpoints whose run record was written (the last file of a save), oldest first."""
     found = [p for p in state_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (p / RECORD_FILE).is_file()]
     return sorted(found, key=_checkpoint_step)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (new files, renames), to the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _checkpoint_files(folder: Path) -> dict[str, int]:

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
+def fsync_path(path: Path, *, best_effort: bool = True) -> None:
+    """Flush a file's data, or a folder's entries (new files, renames), to the disk; `best_effort`
+    ignores a file system that refuses (some do for folders)."""
+    with contextlib.suppress(OSError) if best_effort else contextlib.nullcontext():
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -60,7 +62,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
             os.replace(target, old)
             os.replace(tmp, target)
             tmp = old
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         shutil.rmtree(tmp, ignore_errors=True)  # now holds the earlier result
         return
     if target.is_dir() and not target.is_symlink():
@@ -68,7 +70,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     elif tmp.is_dir() and (target.exists() or target.is_symlink()):
         target.unlink()
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def _host() -> str:

@@ -76,7 +76,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from pruneflow.config import Params
-from pruneflow.criteria import CRITERIA
+from pruneflow.criteria import CRITERIA, without_gradients
 from pruneflow.errors import ConfigError
 
 GIB = 2**30
@@ -517,7 +517,7 @@ class Derivation:
                               f"more than {self._budget()} allows; allowed: "
                               + ("runtime.execution 'auto' or 'layer_by_layer'" if whole_only else
                                  "a criterion without gradients ("
-                                 + ", ".join(n for n, i in CRITERIA.items() if not i.needs_gradients) + ")"))
+                                 + ", ".join(without_gradients()) + ")"))
         return RuleResources(mem_mb=_mib(host),
                              runtime=_minutes(flops, self.settings.gpu_tflops * 1e12, shape.stored_bytes * dense.total,
                                               self.settings),

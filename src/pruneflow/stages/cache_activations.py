@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     require_file(args.model, "model folder")
 
     from pruneflow.activations import activation_statistics
-    from pruneflow.layerwise import dtype_remedy, execution_of, open_model
+    from pruneflow.layerwise import FEWER_CALIBRATION_TOKENS, dtype_remedy, execution_of, open_model
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_run(STAGE, settings=params.mlflow, params=tracked,
                    inputs={"model": args.model, "calibration": args.calibration}) as run:
         grams = "saved" if params.activations.gram_matrices else "none"
-        remedies = ["fewer calibration tokens (calibration.num_samples)",
+        remedies = [FEWER_CALIBRATION_TOKENS,
                     *(["activations.gram_matrices=false (the prune stage then gathers them layer by layer)"]
                       if grams == "saved" else []), *dtype_remedy(dtype)]
         model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,

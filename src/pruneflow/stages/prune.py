@@ -92,21 +92,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ConfigError(f"--calibration is required by {why}; pass the calibration ids file")
     import torch
 
-    from pruneflow.layerwise import open_model
+    from pruneflow.layerwise import FEWER_CALIBRATION_TOKENS, open_model, refit_grams
     from pruneflow.runtime import resolve_device
 
     # fp32 for exact surgery and solves; forward passes (sequential mode, Gram matrices not cached) on the
     # device, one layer at a time when the model does not fit there (the model then stays in host memory)
     device = resolve_device(params.runtime.device)
     cfg = params.prune
-    # Gram sums: the parallel re-fit gathers them when the cache has none (each layer's solved once complete),
-    # the sequential one gathers one projection's at a time;
-    # the layout search prunes a copy of the model per layout it tries
-    refit = cfg.reconstruction != "none"
-    grams = ("one_projection" if cfg.reconstruction_mode == "sequential" else
-             "none" if params.activations.gram_matrices else "consumed") if refit else "none"
+    # the Gram sums the re-fit gathers itself; the layout search prunes a copy of the model per layout it tries
+    grams = refit_grams(cfg, cached=params.activations.gram_matrices)
     search = cfg.attention_unit == "auto"
-    remedies = ["fewer calibration tokens (calibration.num_samples)",
+    remedies = [FEWER_CALIBRATION_TOKENS,
                 *(["a fixed prune.attention_unit (no copy of the model per layout tried)"] if search else [])]
     model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=torch.float32,
                                       device=device, resident=True,

@@ -35,9 +35,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from pruneflow.activations import load_activation_stats
-    from pruneflow.criteria import CRITERIA
+    from pruneflow.criteria import without_gradients
     from pruneflow.importance import score_groups
-    from pruneflow.layerwise import dtype_remedy, execution_of, gradients_of, open_model
+    from pruneflow.layerwise import (
+        FEWER_CALIBRATION_TOKENS,
+        dtype_remedy,
+        execution_of,
+        gradients_of,
+        open_model,
+    )
     from pruneflow.pipeline.records import RECORD_KEY, recorder
     from pruneflow.pipeline.tracking import stage_run
     from pruneflow.stages.calibrate import load_calibration
@@ -53,9 +59,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    inputs={"model": args.model, "calibration": args.calibration, "activations": args.activations}) as run:
         # gradient criteria take their gradients one layer at a time when the model (with them) does not fit;
         # weight-based criteria then read the weights in host memory
-        without_gradients = ", ".join(name for name, info in CRITERIA.items() if not info.needs_gradients)
-        remedies = ["fewer calibration tokens (calibration.num_samples)",
-                    *([f"a criterion without gradients ({without_gradients})"] if criterion.needs_gradients else []),
+        remedies = [FEWER_CALIBRATION_TOKENS,
+                    *([f"a criterion without gradients ({', '.join(without_gradients())})"]
+                      if criterion.needs_gradients else []),
                     *dtype_remedy(dtype)]
         model, layer_weights = open_model(args.model, execution=params.runtime.execution, dtype=dtype, device=device,
                                           resident=not criterion.needs_gradients, tokens=ids.numel(),
